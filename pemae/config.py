@@ -1,0 +1,292 @@
+"""Typed configuration.
+
+Every knob lives in a dataclass below. The dataclass defaults *are* the `default` preset (the
+embedded Fashion-MNIST run that `dvc repro` trains); `pemae.presets` holds the `tiny` (CI) and
+`paper` (ImageNet ViT-B/16) presets as overrides on top of them. A config is resolved as
+
+    preset  <-  params.yaml sections  <-  the run's own overrides (params.yaml `runs.<name>`)
+
+and validated once, before any work starts: an unknown key, a value of the wrong type or a value
+out of range raises one `ConfigError` that names every offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key(s)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Range checks, attached to fields as metadata
+# --------------------------------------------------------------------------------------------
+def _check(predicate: Callable[[Any], bool], what: str) -> dict:
+    return {"check": predicate, "what": what}
+
+
+POSITIVE = _check(lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
+OPEN_UNIT = _check(lambda v: 0 < v < 1, "must lie strictly between 0 and 1")
+UNIT = _check(lambda v: 0 <= v <= 1, "must lie in [0, 1]")
+HALF_OPEN_UNIT = _check(lambda v: 0 < v <= 1, "must lie in (0, 1]")
+
+
+def one_of(*choices) -> dict:
+    return _check(lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
+
+
+def knob(default: Any, meta: dict | None = None):
+    """A config field; lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta or {})
+    return field(default=default, metadata=meta or {})
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    dataset: str = knob("fashion_mnist", one_of("fashion_mnist", "cifar10", "imagefolder"))
+    root: str = ""  # folder with the dataset's files; "" = the dataset's usual places
+    download: bool = True  # let torchvision download when the files are nowhere on disk
+    img_size: int = knob(28, POSITIVE)  # images are cropped/resized to img_size x img_size
+    in_chans: int = knob(1, one_of(1, 3))  # 1 = grayscale, 3 = RGB (images are converted)
+    mean: list[float] = knob([])  # [] = the dataset's own statistics
+    std: list[float] = knob([])
+    train_subset: int = knob(0, NON_NEGATIVE)  # a fixed random subset of N images; 0 = all
+    test_subset: int = knob(0, NON_NEGATIVE)
+    crop_min_scale: float = knob(0.2, HALF_OPEN_UNIT)  # MAE's RandomResizedCrop(scale=(0.2, 1))
+    hflip: bool = True
+    num_workers: int = knob(0, NON_NEGATIVE)
+
+
+@dataclass
+class ModelConfig:
+    patch_size: int = knob(4, POSITIVE)
+    embed_dim: int = knob(192, POSITIVE)
+    depth: int = knob(6, POSITIVE)
+    num_heads: int = knob(3, POSITIVE)
+    mlp_ratio: float = knob(4.0, POSITIVE)
+    decoder_dim: int = knob(128, POSITIVE)
+    decoder_depth: int = knob(2, POSITIVE)
+    decoder_heads: int = knob(4, POSITIVE)
+    mask_ratio: float = knob(0.75, OPEN_UNIT)
+    norm_pix_loss: bool = True  # MAE: regress per-patch normalised pixels
+
+
+@dataclass
+class MethodConfig:
+    name: str = knob("mae", one_of("mae"))
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = knob(8, NON_NEGATIVE)  # 0 = no training: the randomly initialised baseline
+    batch_size: int = knob(256, POSITIVE)
+    base_lr: float = knob(1.5e-4, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
+    min_lr: float = knob(0.0, NON_NEGATIVE)
+    warmup_epochs: float = knob(1.0, NON_NEGATIVE)
+    weight_decay: float = knob(0.05, NON_NEGATIVE)
+    betas: list[float] = knob([0.9, 0.95])
+    seed: int = 0
+    device: str = knob("auto", one_of("auto", "cpu", "cuda"))
+    log_every: int = knob(10, POSITIVE)  # steps between logged rows
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = knob(3, POSITIVE)
+    batch_size: int = knob(128, POSITIVE)
+    base_lr: float = knob(1e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
+    min_lr: float = knob(1e-6, NON_NEGATIVE)
+    warmup_epochs: float = knob(0.5, NON_NEGATIVE)
+    weight_decay: float = knob(0.05, NON_NEGATIVE)
+    layer_decay: float = knob(0.75, HALF_OPEN_UNIT)
+    drop_path: float = knob(0.1, UNIT)
+    label_smoothing: float = knob(0.1, UNIT)
+    global_pool: str = knob("avg", one_of("avg", "token"))
+    train_subset: int = knob(10000, NON_NEGATIVE)  # labelled images used; 0 = the whole train set
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = knob(512, POSITIVE)  # feature extraction
+    knn_k: int = knob(20, POSITIVE)
+    knn_temperature: float = knob(0.07, POSITIVE)
+    linear_epochs: int = knob(100, POSITIVE)
+    linear_lr: float = knob(1e-3, POSITIVE)
+    linear_batch_size: int = knob(1024, POSITIVE)
+    linear_weight_decay: float = knob(0.0, NON_NEGATIVE)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (kept beside every output)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution and validation
+# --------------------------------------------------------------------------------------------
+def deep_merge(base: dict, override: dict | None) -> dict:
+    """Return `base` with `override` merged in, recursively for nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _coerce(key: str, value: Any, annotation: Any, errors: list[str]) -> Any:
+    """Check `value` against a field annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return value
+        return [_coerce(f"{key}[{i}]", v, item_type, errors) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        errors.append(f"{key}: expected true or false, got {value!r}")
+    elif annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        errors.append(f"{key}: expected an integer, got {value!r}")
+    elif annotation in (float, str) and not isinstance(value, annotation):
+        errors.append(f"{key}: expected a {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build_section(name: str, cls: type, values: dict, errors: list[str]):
+    if not isinstance(values, dict):
+        errors.append(f"{name}: expected a mapping of keys to values, got {values!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            errors.append(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for key, f in fields.items():
+        if key not in values:
+            continue
+        value = _coerce(f"{name}.{key}", values[key], hints[key], errors)
+        check = f.metadata.get("check")
+        if check is not None and not isinstance(value, list):
+            try:
+                ok = check(value)
+            except TypeError:
+                ok = False  # a type error was reported above
+            if not ok:
+                errors.append(f"{name}.{key} = {value!r}: {f.metadata['what']}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config, errors: list[str]) -> None:
+    d, m = cfg.data, cfg.model
+    if d.img_size % m.patch_size:
+        errors.append(
+            f"model.patch_size = {m.patch_size} does not divide data.img_size = {d.img_size}"
+        )
+    if m.embed_dim % m.num_heads:
+        errors.append(f"model.num_heads = {m.num_heads} does not divide model.embed_dim = {m.embed_dim}")
+    if m.decoder_dim % m.decoder_heads:
+        errors.append(
+            f"model.decoder_heads = {m.decoder_heads} does not divide "
+            f"model.decoder_dim = {m.decoder_dim}"
+        )
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        if values and len(values) != d.in_chans:
+            errors.append(f"data.{key} has {len(values)} values but data.in_chans = {d.in_chans}")
+    if any(s <= 0 for s in d.std):
+        errors.append("data.std: every value must be > 0")
+    if len(cfg.pretrain.betas) != 2 or not all(0 <= b < 1 for b in cfg.pretrain.betas):
+        errors.append(f"pretrain.betas = {cfg.pretrain.betas}: expected two values in [0, 1)")
+    if d.dataset == "imagefolder" and not d.root:
+        errors.append("data.root: required for dataset 'imagefolder' (a folder with train/ and val/)")
+    for section in ("pretrain", "finetune"):
+        sec = getattr(cfg, section)
+        if sec.min_lr > sec.base_lr * sec.batch_size / 256 and sec.epochs > 0:
+            errors.append(f"{section}.min_lr = {sec.min_lr} exceeds the peak lr")
+
+
+def build_config(
+    preset: str = "default",
+    sections: dict | None = None,
+    run_overrides: dict | None = None,
+) -> Config:
+    """Resolve preset <- sections <- run overrides into a validated `Config`.
+
+    `sections` maps section names (data, model, ...) to dicts of keys; a section given as
+    None keeps the preset's values (so notebooks can pass their injected parameters through).
+    """
+    from pemae.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"preset = {preset!r}: unknown (known: {', '.join(PRESETS)})")
+    merged = deep_merge(PRESETS[preset], {k: v for k, v in (sections or {}).items() if v is not None})
+    merged = deep_merge(merged, run_overrides)
+
+    errors: list[str] = []
+    for key in merged:
+        if key not in SECTIONS:
+            errors.append(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
+    hints = typing.get_type_hints(Config)
+    built = {name: _build_section(name, hints[name], merged.get(name, {}), errors) for name in SECTIONS}
+    cfg = Config(**built)
+    if not errors:
+        _cross_checks(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def config_for_run(preset: str, sections: dict, runs: dict | None, run: str | None) -> Config:
+    """The config of one named run: `runs[run]` holds that run's overrides (params.yaml `runs:`).
+
+    With `runs` None (a notebook run on its own) the run has no overrides of its own.
+    """
+    if runs is not None and run is not None and run not in runs:
+        raise ConfigError(f"run {run!r} is not defined under `runs:` (known: {', '.join(runs)})")
+    return build_config(preset, sections, (runs or {}).get(run) if run else None)
+
+
+def load_params(path: str | Path = "params.yaml", run: str | None = None) -> Config:
+    """Resolve the config of one run from a DVC params file (preset, sections, `runs`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} does not exist")
+    params = yaml.safe_load(path.read_text()) or {}
+    sections = {k: params.get(k) for k in SECTIONS}
+    return config_for_run(params.get("preset", "default"), sections, params.get("runs") or {}, run)

@@ -1,0 +1,448 @@
+"""Datasets and transforms.
+
+One job: turn a `DataConfig` into `torch.utils.data.Dataset`s whose items are
+`(image [C, H, W] float32, int label)` with `C = cfg.in_chans` and `H = W = cfg.img_size`.
+
+Every dataset hands its transform a PIL image already converted to the configured channel mode
+("L" for `in_chans = 1`, "RGB" for 3), whatever the source (grayscale PNG, RGB JPEG, RGBA, 16-bit);
+the transforms below resample to exactly `img_size x img_size` and normalise.
+
+Datasets (`cfg.dataset`):
+- `fashion_mnist`: the four IDX files, read by the small reader below from the first of
+  `/usr/share/datasets/fashion-mnist/` (Debian `dataset-fashion-mnist`), `cfg.root`,
+  `cfg.root/FashionMNIST/raw/` (torchvision's layout), or torchvision's downloader if
+  `cfg.download`. Images stay in memory as one uint8 tensor.
+- `cifar10`: torchvision's `CIFAR10` (`<root>/cifar-10-batches-py/`).
+- `imagefolder`: the ImageNet layout `<root>/train/<class>/*` and `<root>/val/<class>/*`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from pemae.config import ConfigError, DataConfig
+
+# --------------------------------------------------------------------------------------------
+# Constants (module level so tests can point them elsewhere)
+# --------------------------------------------------------------------------------------------
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt `dataset-fashion-mnist`
+DEFAULT_CACHE = Path("~/.cache/pemae").expanduser()  # torchvision downloads when data.root = ""
+
+DATASET_STATS: dict[str, tuple[list[float], list[float]]] = {
+    "fashion_mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "imagefolder": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # ImageNet
+}
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_FILES = {  # split -> (images, labels), without the optional ".gz"
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPLITS = ("train", "test")
+SMALL_IMAGE = 64  # eval: images up to this size are resized whole, larger ones centre-cropped
+EVAL_CROP_RATIO = 0.875  # eval: Resize(img_size / 0.875) then CenterCrop(img_size), as in MAE
+
+_IDX_DTYPES = {  # IDX type code -> big-endian numpy dtype
+    0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+def _fit_channels(values: list[float], in_chans: int) -> list[float]:
+    """Adapt per-channel statistics to `in_chans`: average 3 -> 1, repeat 1 -> 3."""
+    if len(values) == in_chans:
+        return list(values)
+    if in_chans == 1:
+        return [sum(values) / len(values)]
+    if len(values) == 1:
+        return list(values) * in_chans
+    raise ConfigError(f"cannot adapt {len(values)}-channel statistics to data.in_chans = {in_chans}")
+
+
+def normalisation(cfg: DataConfig) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel: `cfg.mean` / `cfg.std` when given, else the dataset's own."""
+    if cfg.dataset not in DATASET_STATS:
+        raise ConfigError(f"data.dataset = {cfg.dataset!r}: no statistics (known: {', '.join(DATASET_STATS)})")
+    mean, std = DATASET_STATS[cfg.dataset]
+    mean = list(cfg.mean) if cfg.mean else _fit_channels(mean, cfg.in_chans)
+    std = list(cfg.std) if cfg.std else _fit_channels(std, cfg.in_chans)
+    return mean, std
+
+
+def denormalise(x: Tensor, cfg: DataConfig) -> Tensor:
+    """Invert `Normalize` for images `[B, C, H, W]` (or `[C, H, W]`), clamped to [0, 1]."""
+    mean, std = normalisation(cfg)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # [C, 1, 1]
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # [C, 1, 1]
+    return (x * std_t + mean_t).clamp(0.0, 1.0)  # [B, C, H, W]
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms (they take the PIL image the datasets give; tensors [C, H, W] work too)
+# --------------------------------------------------------------------------------------------
+def _to_normalised_tensor(cfg: DataConfig) -> list[Callable]:
+    """The common tail: PIL/uint8 -> float32 in [0, 1] -> normalised plain tensor."""
+    mean, std = normalisation(cfg)
+    return [
+        v2.ToImage(),  # [C, H, W] uint8
+        v2.ToDtype(torch.float32, scale=True),  # [C, H, W] float in [0, 1]
+        v2.Normalize(mean=mean, std=std),
+        v2.ToPureTensor(),
+    ]
+
+
+def _random_crop_flip(cfg: DataConfig, min_scale: float) -> list[Callable]:
+    """RandomResizedCrop to `img_size` (bicubic) and an optional horizontal flip."""
+    ops: list[Callable] = [
+        v2.RandomResizedCrop(
+            cfg.img_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
+    ]
+    if cfg.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return ops
+
+
+def pretrain_transform(cfg: DataConfig) -> Callable:
+    """MAE pre-training augmentation: RandomResizedCrop(scale=(crop_min_scale, 1)), flip, normalise."""
+    return v2.Compose(_random_crop_flip(cfg, cfg.crop_min_scale) + _to_normalised_tensor(cfg))
+
+
+def finetune_transform(cfg: DataConfig) -> Callable:
+    """A light fine-tuning augmentation: RandomResizedCrop(scale=(0.08, 1)), flip, normalise."""
+    return v2.Compose(_random_crop_flip(cfg, 0.08) + _to_normalised_tensor(cfg))
+
+
+def eval_transform(cfg: DataConfig) -> Callable:
+    """Deterministic: small images are resized whole; larger ones resized then centre-cropped."""
+    size = cfg.img_size
+    if size <= SMALL_IMAGE:
+        geometry = [v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)]
+    else:
+        geometry = [
+            v2.Resize(int(size / EVAL_CROP_RATIO), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+        ]
+    return v2.Compose(geometry + _to_normalised_tensor(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# Images in the configured channel mode
+# --------------------------------------------------------------------------------------------
+def channel_mode(in_chans: int) -> str:
+    """The PIL mode for `in_chans` channels."""
+    if in_chans not in (1, 3):
+        raise ConfigError(f"data.in_chans = {in_chans}: must be 1 or 3")
+    return "L" if in_chans == 1 else "RGB"
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale 16-bit / 32-bit / float grayscale to 8 bits (PIL's convert would clip at 255)."""
+    arr = np.asarray(img, dtype=np.float64)  # [H, W]
+    peak = arr.max(initial=0.0)
+    if img.mode == "F" and peak <= 1.0:
+        arr = arr * 255.0
+    elif peak > 255.0:
+        arr = arr / (257.0 if peak <= 65535.0 else peak / 255.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # mode "L"
+
+
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image to `mode` ("L" or "RGB"), including RGBA, palette and 16-bit."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def pil_loader(path: str, mode: str) -> Image.Image:
+    """Open an image file and convert it to `mode` (an `ImageFolder` loader)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_mode(img, mode)
+
+
+class ModeThen:
+    """Convert a PIL image to a channel mode, then apply `transform` (picklable for workers)."""
+
+    def __init__(self, mode: str, transform: Callable | None):
+        self.mode = mode
+        self.transform = transform
+
+    def __call__(self, img: Image.Image) -> Any:
+        img = to_mode(img, self.mode)
+        return img if self.transform is None else self.transform(img)
+
+    def __repr__(self) -> str:
+        return f"ModeThen(mode={self.mode!r}, transform={self.transform!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files (the MNIST / Fashion-MNIST format)
+# --------------------------------------------------------------------------------------------
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when it ends in .gz."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"corrupt IDX file {path}: cannot read it ({exc})") from exc
+
+
+def parse_idx(raw: bytes, path: Path | str = "<bytes>", ndim: int | None = None) -> np.ndarray:
+    """Parse IDX bytes into a numpy array; validate magic number, rank and size."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"corrupt IDX file {path}: bad magic number {raw[:4].hex() or '(empty)'}")
+    dtype, rank = _IDX_DTYPES[raw[2]], raw[3]
+    if ndim is not None and rank != ndim:
+        raise ValueError(f"corrupt IDX file {path}: {rank} dimensions, expected {ndim}")
+    header = 4 + 4 * rank
+    if len(raw) < header:
+        raise ValueError(f"corrupt IDX file {path}: truncated header")
+    shape = struct.unpack(f">{rank}I", raw[4:header])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"corrupt IDX file {path}: header says shape {shape} ({expected} bytes of data), "
+            f"the file holds {len(raw) - header}"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file (plain or .gz); errors name the file."""
+    path = Path(path)
+    return parse_idx(_read_bytes(path), path, ndim)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_idx_pair_cached(images: str, labels: str, stamp: tuple) -> tuple[Tensor, Tensor]:
+    """Read (images [N, H, W] uint8, labels [N] int64); cached per files and mtimes."""
+    img = read_idx(images, ndim=3)
+    lab = read_idx(labels, ndim=1)
+    if img.dtype != np.uint8:
+        raise ValueError(f"corrupt IDX file {images}: pixels are {img.dtype}, expected uint8")
+    if len(img) != len(lab):
+        raise ValueError(f"IDX files disagree: {images} has {len(img)} images, {labels} has {len(lab)} labels")
+    if len(lab) and (lab.min() < 0 or lab.max() >= len(FASHION_MNIST_CLASSES)):
+        raise ValueError(f"corrupt IDX file {labels}: labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
+    return torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64))  # [N, H, W], [N]
+
+
+def load_idx_pair(images: Path, labels: Path) -> tuple[Tensor, Tensor]:
+    """Images [N, H, W] uint8 and labels [N] int64 from two IDX files (cached while unchanged)."""
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (images, labels))
+    return _load_idx_pair_cached(str(images), str(labels), stamp)
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# --------------------------------------------------------------------------------------------
+class TensorImages(Dataset):
+    """In-memory uint8 grayscale images `[N, H, W]` with labels; items go through PIL + transform."""
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: list[str], in_chans: int,
+                 transform: Callable | None = None):
+        self.images = images  # [N, H, W] uint8
+        self.targets = labels  # [N] int64
+        self.classes = list(classes)
+        self.mode = channel_mode(in_chans)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[index].numpy())  # mode "L"
+        if self.mode != "L":
+            img = img.convert(self.mode)
+        if self.transform is not None:
+            img = self.transform(img)  # [C, img_size, img_size]
+        return img, int(self.targets[index])
+
+
+def _existing(folder: Path, name: str) -> Path | None:
+    """`folder/name` or `folder/name.gz`, whichever exists (plain first)."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist_folders(cfg: DataConfig) -> list[Path]:
+    """The folders searched for the IDX files, in order."""
+    folders = [DEBIAN_FASHION_MNIST]
+    if cfg.root:
+        root = Path(cfg.root).expanduser()
+        folders += [root, root / "FashionMNIST" / "raw"]
+    else:
+        folders.append(DEFAULT_CACHE / "FashionMNIST" / "raw")
+    return folders
+
+
+def _find_idx_pair(folders: list[Path], split: str) -> tuple[Path, Path] | None:
+    """The first folder holding both IDX files of `split`."""
+    image_name, label_name = FASHION_MNIST_FILES[split]
+    for folder in folders:
+        images, labels = _existing(folder, image_name), _existing(folder, label_name)
+        if images and labels:
+            return images, labels
+    return None
+
+
+def _fashion_mnist_missing(folders: list[Path], split: str, reason: str = "") -> FileNotFoundError:
+    """The error that says where we looked and how to get the data."""
+    names = ", ".join(f"{n}[.gz]" for n in FASHION_MNIST_FILES[split])
+    looked = "\n".join(f"  - {f}" for f in folders)
+    return FileNotFoundError(
+        f"Fashion-MNIST ({split} split) not found: no folder holds {names}.\nLooked in:\n{looked}\n"
+        + (f"{reason}\n" if reason else "")
+        + "To get the data, do one of:\n"
+        "  - as root: apt-get install dataset-fashion-mnist   (installs it under "
+        f"{DEBIAN_FASHION_MNIST}/)\n"
+        "  - put the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; .gz or plain) in the folder named by data.root\n"
+        "  - set data.download: true (needs internet; torchvision downloads it)"
+    )
+
+
+def _download_fashion_mnist(cfg: DataConfig, split: str) -> Path:
+    """Let torchvision download Fashion-MNIST; return its raw folder."""
+    from torchvision.datasets import FashionMNIST
+
+    root = Path(cfg.root).expanduser() if cfg.root else DEFAULT_CACHE
+    ds = FashionMNIST(root=str(root), train=split == "train", download=True)
+    return Path(ds.raw_folder)
+
+
+def _locate_fashion_mnist(cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    """Find (or download) the IDX files of `split`."""
+    folders = fashion_mnist_folders(cfg)
+    found = _find_idx_pair(folders, split)
+    if found:
+        return found
+    if not cfg.download:
+        raise _fashion_mnist_missing(folders, split, "data.download is false, so nothing was downloaded.")
+    try:
+        raw = _download_fashion_mnist(cfg, split)
+    except (OSError, RuntimeError) as exc:  # no internet: URLError (an OSError) or RuntimeError
+        raise _fashion_mnist_missing(folders, split, f"The download failed: {exc}") from exc
+    found = _find_idx_pair([raw], split)
+    if not found:
+        raise _fashion_mnist_missing(folders + [raw], split, "The download left no IDX files.")
+    return found
+
+
+def fashion_mnist(cfg: DataConfig, split: str, transform: Callable | None) -> TensorImages:
+    """Fashion-MNIST `split` as an in-memory dataset."""
+    images, labels = load_idx_pair(*_locate_fashion_mnist(cfg, split))  # [N, 28, 28], [N]
+    return TensorImages(images, labels, FASHION_MNIST_CLASSES, cfg.in_chans, transform)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 and ImageFolder
+# --------------------------------------------------------------------------------------------
+def cifar10(cfg: DataConfig, split: str, transform: Callable | None) -> Dataset:
+    """torchvision's CIFAR-10, converted to `in_chans` before the transform."""
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.root).expanduser() if cfg.root else DEFAULT_CACHE
+    try:
+        return CIFAR10(root=str(root), train=split == "train", download=cfg.download,
+                       transform=ModeThen(channel_mode(cfg.in_chans), transform))
+    except (OSError, RuntimeError) as exc:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found under {root} (data.root = {cfg.root!r}"
+            f"{'; empty means ' + str(DEFAULT_CACHE) if not cfg.root else ''}). Expected layout: "
+            f"{root}/cifar-10-batches-py/ with data_batch_1..data_batch_5, test_batch and batches.meta "
+            "(the python version from https://www.cs.toronto.edu/~kriz/cifar.html, unpacked). "
+            f"Set data.download: true (needs internet) to let torchvision fetch it. Cause: {exc}"
+        ) from exc
+
+
+def image_folder(cfg: DataConfig, split: str, transform: Callable | None) -> Dataset:
+    """An ImageNet-layout folder: `root/train/<class>/*` and `root/val/<class>/*` ("test" = val)."""
+    from torchvision.datasets import ImageFolder
+
+    if not cfg.root:
+        raise ConfigError("data.root: required for dataset 'imagefolder' (a folder with train/ and val/)")
+    folder = Path(cfg.root).expanduser() / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"imagefolder: missing folder {folder} (data.root = {cfg.root!r}); expected the ImageNet "
+            "layout <root>/train/<class>/<image> and <root>/val/<class>/<image>"
+        )
+    loader = functools.partial(pil_loader, mode=channel_mode(cfg.in_chans))
+    return ImageFolder(str(folder), transform=transform, loader=loader)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+_BUILDERS: dict[str, Callable[[DataConfig, str, Callable | None], Dataset]] = {
+    "fashion_mnist": fashion_mnist,
+    "cifar10": cifar10,
+    "imagefolder": image_folder,
+}
+
+
+def fixed_subset(dataset: Dataset, n: int, key: str) -> Dataset:
+    """A fixed random subset of `n` items (seed 0, sorted indices); `n = 0` keeps everything."""
+    if n == 0:
+        return dataset
+    total = len(dataset)
+    if n > total:
+        raise ConfigError(f"{key} = {n}: larger than the dataset ({total} items)")
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randperm(total, generator=generator)[:n].sort().values  # [n]
+    return Subset(dataset, indices.tolist())
+
+
+def build_dataset(cfg: DataConfig, split: str, transform: Callable | None) -> Dataset:
+    """The `split` ("train" or "test") of `cfg.dataset`; items are (transform(image), int label).
+
+    `transform` receives a PIL image in the `in_chans` mode; with `transform=None` the items
+    are those PIL images. `cfg.train_subset` / `cfg.test_subset` pick a fixed random subset.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split = {split!r}: unknown (known: {', '.join(SPLITS)})")
+    if cfg.dataset not in _BUILDERS:
+        raise ConfigError(f"data.dataset = {cfg.dataset!r}: unknown (known: {', '.join(_BUILDERS)})")
+    dataset = _BUILDERS[cfg.dataset](cfg, split, transform)
+    n = cfg.train_subset if split == "train" else cfg.test_subset
+    return fixed_subset(dataset, n, f"data.{split}_subset")
+
+
+def num_classes(dataset: Dataset) -> int:
+    """Number of classes of a dataset from `build_dataset` (subsets included)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return len(classes)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets):
+        return int(max(int(t) for t in targets)) + 1
+    raise ValueError(f"num_classes: {type(dataset).__name__} has neither `classes` nor `targets`")

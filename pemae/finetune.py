@@ -1,0 +1,108 @@
+"""Full fine-tuning of a pretrained encoder (MAE's protocol, scaled down).
+
+AdamW with layer-wise lr decay, drop path, label smoothing, warm-up + cosine lr per step,
+global average pooling with a fresh norm (or the CLS token).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from pemae import checkpoint
+from pemae.config import Config, ConfigError
+from pemae.data import build_dataset, eval_transform, finetune_transform, num_classes
+from pemae.encoder import build_encoder
+from pemae.optim import layer_decay_param_groups, set_lr
+from pemae.pretrain import peak_lr
+from pemae.runtime import MetricLog, autocast, pick_device, seed_everything
+from pemae.schedules import warmup_cosine
+
+
+def classifier_from_encoder(encoder_path: str | Path, cfg: Config, classes: int) -> nn.Module:
+    """A timm ViT classifier initialised from an exported encoder."""
+    fc = cfg.finetune
+    vit = build_encoder(cfg.model, cfg.data, num_classes=classes, global_pool=fc.global_pool,
+                        drop_path=fc.drop_path)
+    state = checkpoint.load(encoder_path)["state_dict"]
+    if fc.global_pool == "avg":  # timm pools then normalises with fc_norm; start it from norm
+        state = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()}
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"head.weight", "head.bias"}:
+        raise ValueError(f"{encoder_path}: encoder does not match the config "
+                         f"(missing {missing}, unexpected {unexpected})")
+    nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE's head init
+    nn.init.zeros_(vit.head.bias)
+    return vit
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in %."""
+    model.eval()
+    correct = total = 0
+    for imgs, y in loader:
+        with autocast(device):
+            logits = model(imgs.to(device))  # [B, classes]
+        correct += (logits.argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
+             progress: bool = True) -> dict:
+    """Fine-tune the whole encoder on labelled data; write log.csv and summary.json."""
+    fc = cfg.finetune
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.pretrain.device)
+    generator = seed_everything(fc.seed)
+
+    train = build_dataset(cfg.data, "train", finetune_transform(cfg.data))
+    if fc.train_subset:
+        if fc.train_subset > len(train):
+            raise ConfigError(f"finetune.train_subset = {fc.train_subset} exceeds the "
+                              f"{len(train)} training images")
+        train = Subset(train, torch.randperm(len(train), generator=generator)[:fc.train_subset].tolist())
+    test = build_dataset(cfg.data, "test", eval_transform(cfg.data))
+    if len(train) < fc.batch_size:
+        raise ConfigError(f"finetune.batch_size = {fc.batch_size} exceeds the {len(train)} training images")
+    train_loader = DataLoader(train, batch_size=fc.batch_size, shuffle=True, drop_last=True,
+                              num_workers=cfg.data.num_workers, generator=generator)
+    test_loader = DataLoader(test, batch_size=cfg.evaluation.batch_size,
+                             num_workers=cfg.data.num_workers)
+
+    model = classifier_from_encoder(encoder_path, cfg, num_classes(test)).to(device)
+    optimizer = torch.optim.AdamW(layer_decay_param_groups(model, fc.weight_decay, fc.layer_decay),
+                                  lr=0.0)
+    steps_per_epoch = len(train_loader)
+    total_steps = fc.epochs * steps_per_epoch
+    lr = peak_lr(fc.batch_size, fc.base_lr)
+    warmup_steps = round(fc.warmup_epochs * steps_per_epoch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricLog(out_dir / "log.csv")
+    step, start = 0, time.perf_counter()
+    for epoch in range(fc.epochs):
+        model.train()
+        for imgs, y in tqdm(train_loader, disable=not progress, desc=f"finetune epoch {epoch + 1}"):
+            set_lr(optimizer, warmup_cosine(step, total_steps, lr, fc.min_lr, warmup_steps))
+            with autocast(device):
+                logits = model(imgs.to(device))  # [B, classes]
+            loss = F.cross_entropy(logits.float(), y.to(device), label_smoothing=fc.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        top1 = accuracy(model, test_loader, device)
+        log.append(step=step, epoch=epoch + 1, loss=float(loss), test_top1=top1)
+    log.close()
+    summary = {"finetune_top1": round(top1, 2), "epochs": fc.epochs, "labelled_images": len(train),
+               "seconds": round(time.perf_counter() - start, 1)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

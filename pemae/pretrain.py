@@ -1,0 +1,135 @@
+"""Self-supervised pretraining: one loop for every method, one process, CPU or CUDA."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pemae import checkpoint
+from pemae.config import Config, ConfigError
+from pemae.data import build_dataset, pretrain_transform
+from pemae.mae import MaskedAutoencoder
+from pemae.optim import param_groups, set_lr
+from pemae.runtime import MetricLog, autocast, pick_device, seed_everything
+from pemae.schedules import warmup_cosine
+
+
+@dataclass
+class PretrainPaths:
+    """Everything a pretraining run writes, inside one folder."""
+
+    out_dir: Path
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    @property
+    def encoder(self) -> Path:
+        return self.out_dir / "encoder.pt"
+
+    @property
+    def config(self) -> Path:
+        return self.out_dir / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.out_dir / "log.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.out_dir / "summary.json"
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The pretraining model of `cfg.method`."""
+    return MaskedAutoencoder(cfg.model, cfg.data)
+
+
+def peak_lr(batch_size: int, base_lr: float) -> float:
+    """The linear scaling rule of Goyal et al. (2017), as in MAE: lr = base_lr * batch / 256."""
+    return base_lr * batch_size / 256
+
+
+def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
+    """Pretrain `cfg.method` and write checkpoint, encoder export, config, log and summary."""
+    paths = PretrainPaths(out_dir)
+    pc = cfg.pretrain
+    device = pick_device(pc.device)
+    generator = seed_everything(pc.seed)
+
+    dataset = build_dataset(cfg.data, "train", pretrain_transform(cfg.data))
+    if len(dataset) < pc.batch_size:
+        raise ConfigError(
+            f"pretrain.batch_size = {pc.batch_size} exceeds the {len(dataset)} training images"
+        )
+    loader = DataLoader(dataset, batch_size=pc.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, generator=generator,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    paths.out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(paths.config)
+
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
+    steps_per_epoch = len(loader)
+    total_steps = pc.epochs * steps_per_epoch
+    lr = peak_lr(pc.batch_size, pc.base_lr)
+    warmup_steps = round(pc.warmup_epochs * steps_per_epoch)
+    print(f"pretraining {cfg.method.name}: {len(dataset)} images, {pc.epochs} epochs x "
+          f"{steps_per_epoch} steps, batch {pc.batch_size}, base lr {pc.base_lr:g} -> lr {lr:g}, "
+          f"device {device.type}")
+
+    log = MetricLog(paths.log)
+    step, seen, start = 0, 0, time.perf_counter()
+    bar = tqdm(total=total_steps, disable=not progress, desc=f"pretrain {cfg.method.name}")
+    model.train()
+    for epoch in range(pc.epochs):
+        for imgs, _ in loader:
+            set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
+            terms = train_step(model, optimizer, imgs.to(device, non_blocking=True), device)
+            step += 1
+            seen += imgs.shape[0]
+            bar.update()
+            if step % pc.log_every == 0 or step == total_steps:
+                terms = {k: v.item() for k, v in terms.items()}  # the only host sync
+                rate = seen / (time.perf_counter() - start)
+                log.append(step=step, epoch=step / steps_per_epoch,
+                           lr=optimizer.param_groups[0]["lr"], images_per_s=rate, **terms)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", img_s=f"{rate:.0f}")
+    bar.close()
+    log.close()
+    elapsed = time.perf_counter() - start
+
+    checkpoint.save_atomic(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+         "config": cfg.to_dict()},
+        paths.checkpoint,
+    )
+    checkpoint.export_encoder(model.encoder, cfg, paths.encoder)
+    summary = {"steps": step, "images_seen": seen, "seconds": round(elapsed, 1),
+               "images_per_s": round(seen / elapsed, 1) if step else 0.0,
+               "final_loss": terms["loss"] if step else None}
+    paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward, backward, update; returns the named loss terms, detached."""
+    with autocast(device):
+        out = model(imgs)
+    loss = out["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in out.items() if k.startswith("loss")}

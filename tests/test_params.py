@@ -1,0 +1,30 @@
+"""params.yaml is the `default` preset, holds every knob, and defines runs that validate."""
+
+from pathlib import Path
+
+import yaml
+
+from pemae.config import SECTIONS, Config, build_config, load_params
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_params_yaml_lists_every_knob_of_every_section():
+    params = yaml.safe_load(PARAMS.read_text())
+    every = Config().to_dict()
+    for section in SECTIONS:
+        assert set(params[section]) == set(every[section]), f"params.yaml section {section!r}"
+
+
+def test_params_yaml_is_the_default_preset():
+    params = yaml.safe_load(PARAMS.read_text())
+    assert params["preset"] == "default"
+    assert build_config("default", {s: params[s] for s in SECTIONS}) == build_config("default")
+
+
+def test_every_run_in_params_yaml_resolves():
+    runs = yaml.safe_load(PARAMS.read_text())["runs"]
+    assert {"mae", "random"} <= set(runs)
+    assert load_params(PARAMS, "random").pretrain.epochs == 0
+    for run in runs:
+        load_params(PARAMS, run)
