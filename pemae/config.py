@@ -177,6 +177,11 @@ def _coerce(key: str, value: Any, annotation: Any, errors: list[str]) -> Any:
         return [_coerce(f"{key}[{i}]", v, item_type, errors) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         errors.append(f"{key}: expected true or false, got {value!r}")
     elif annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -288,5 +293,9 @@ def load_params(path: str | Path = "params.yaml", run: str | None = None) -> Con
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist")
     params = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(params) - set(SECTIONS) - {"preset", "runs"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)} "
+                          f"(known: preset, runs, {', '.join(SECTIONS)})")
     sections = {k: params.get(k) for k in SECTIONS}
     return config_for_run(params.get("preset", "default"), sections, params.get("runs") or {}, run)

@@ -34,7 +34,10 @@ def classifier_from_encoder(encoder_path: str | Path, cfg: Config, classes: int)
     state = checkpoint.load(encoder_path)["state_dict"]
     if fc.global_pool == "avg":  # timm pools then normalises with fc_norm; start it from norm
         state = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()}
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ValueError(f"{encoder_path}: encoder does not match the config ({exc})") from exc
     if unexpected or set(missing) != {"head.weight", "head.bias"}:
         raise ValueError(f"{encoder_path}: encoder does not match the config "
                          f"(missing {missing}, unexpected {unexpected})")
@@ -100,7 +103,7 @@ def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
             optimizer.step()
             step += 1
         top1 = accuracy(model, test_loader, device)
-        log.append(step=step, epoch=epoch + 1, loss=float(loss), test_top1=top1)
+        log.append(step=step, epoch=epoch + 1, loss=loss.item(), test_top1=top1)
     log.close()
     summary = {"finetune_top1": round(top1, 2), "epochs": fc.epochs, "labelled_images": len(train),
                "seconds": round(time.perf_counter() - start, 1)}

@@ -1,0 +1,165 @@
+"""Checkpoints: what pretraining writes loads with `torch.load(weights_only=True)`, rebuilds the
+same model, and the encoder export loads into plain timm."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import yaml
+
+import pytest
+
+from pemae import checkpoint
+from pemae.config import build_config
+from pemae.encoder import TIMM_ARCH, build_encoder
+from pemae.mae import MaskedAutoencoder, random_masking
+from pemae.optim import param_groups
+
+
+def sample_images(n=4, seed=0):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# The pretraining checkpoint
+# --------------------------------------------------------------------------------------------
+def test_pretrain_writes_every_output(tiny_run):
+    for name in ("checkpoint.pt", "encoder.pt", "config.yaml", "log.csv", "summary.json"):
+        assert (tiny_run.out_dir / name).is_file(), name
+    assert not list(tiny_run.out_dir.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_checkpoint_loads_with_weights_only(tiny_run):
+    blob = torch.load(tiny_run.out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert set(blob) >= {"model", "optimizer", "step", "config"}
+    assert blob["step"] == tiny_run.summary["steps"] == 8
+    assert blob["config"] == tiny_run.cfg.to_dict()
+    assert yaml.safe_load((tiny_run.out_dir / "config.yaml").read_text()) == tiny_run.cfg.to_dict()
+
+
+def rebuilt_model(tiny_run) -> MaskedAutoencoder:
+    blob = torch.load(tiny_run.out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    cfg = build_config("default", blob["config"])
+    assert cfg == tiny_run.cfg
+    model = MaskedAutoencoder(cfg.model, cfg.data)
+    model.load_state_dict(blob["model"], strict=True)
+    return model.eval()
+
+
+def test_checkpoint_rebuilds_the_trained_model_exactly(tiny_run):
+    model = rebuilt_model(tiny_run)
+    trained = tiny_run.model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    # the training moved the weights away from a fresh initialisation
+    torch.manual_seed(tiny_run.cfg.pretrain.seed)
+    fresh = MaskedAutoencoder(tiny_run.cfg.model, tiny_run.cfg.data).state_dict()
+    assert not torch.equal(fresh["decoder_pred.weight"], trained["decoder_pred.weight"])
+
+
+def test_rebuilt_model_gives_the_trained_models_outputs_for_the_same_masking(tiny_run):
+    model, trained = rebuilt_model(tiny_run), tiny_run.model
+    imgs = sample_images()
+    torch.manual_seed(123)
+    masking = random_masking(len(imgs), model.num_patches, model.mask_ratio)
+    with torch.no_grad():
+        outs = [m.decoder_pred(m.forward_decoder(m.forward_encoder(imgs, masking), masking))
+                for m in (model, trained)]
+        losses = [m.forward_loss(imgs, out, masking.mask) for m, out in zip((model, trained), outs)]
+    assert outs[0].shape == (4, 49, 16)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_checkpoint_optimizer_state_resumes_into_a_fresh_optimizer(tiny_run):
+    blob = checkpoint.load(tiny_run.out_dir / "checkpoint.pt")
+    model = rebuilt_model(tiny_run)
+    opt = torch.optim.AdamW(param_groups(model, tiny_run.cfg.pretrain.weight_decay), lr=0.0)
+    opt.load_state_dict(blob["optimizer"])
+    steps = {float(s["step"]) for s in opt.state_dict()["state"].values()}
+    assert steps == {8.0}
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 1.0]
+
+
+def test_load_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        checkpoint.load(tmp_path / "nothing.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder export
+# --------------------------------------------------------------------------------------------
+def test_encoder_export_loads_into_plain_timm_strictly(tiny_run):
+    blob = torch.load(tiny_run.out_dir / "encoder.pt", map_location="cpu", weights_only=True)
+    assert blob["arch"] == TIMM_ARCH
+    vit = timm.create_model(blob["arch"], pretrained=False, num_classes=0, **blob["kwargs"])
+    vit.load_state_dict(blob["state_dict"], strict=True)
+    vit.eval()
+    assert len(vit.blocks) == tiny_run.cfg.model.depth
+    assert vit.embed_dim == tiny_run.cfg.model.embed_dim
+    imgs = sample_images()
+    with torch.no_grad():
+        ours = tiny_run.model.encoder.forward_features(imgs)
+        theirs = vit.forward_features(imgs)
+        assert torch.equal(ours, theirs)
+        assert torch.equal(vit(imgs), tiny_run.model.encoder(imgs))  # pooled CLS features
+
+
+def test_encoder_export_holds_the_trained_weights(tiny_run):
+    state = checkpoint.load(tiny_run.out_dir / "encoder.pt")["state_dict"]
+    trained = tiny_run.model.encoder.state_dict()
+    assert set(state) == set(trained)
+    for name, value in state.items():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_load_encoder_matches_the_trained_encoder(tiny_run):
+    vit = checkpoint.load_encoder(tiny_run.out_dir / "encoder.pt").eval()
+    imgs = sample_images(seed=1)
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(imgs), tiny_run.model.encoder.forward_features(imgs))
+
+
+def test_export_encoder_round_trips_for_three_channels(tmp_path):
+    cfg = build_config("tiny", {"data": {"in_chans": 3, "img_size": 32}, "model": {"patch_size": 8}})
+    torch.manual_seed(0)
+    enc = build_encoder(cfg.model, cfg.data).eval()
+    checkpoint.export_encoder(enc, cfg, tmp_path / "enc.pt")
+    vit = checkpoint.load_encoder(tmp_path / "enc.pt").eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(imgs), enc.forward_features(imgs))
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic saving
+# --------------------------------------------------------------------------------------------
+def test_save_atomic_writes_the_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "sub" / "ck.pt"
+    checkpoint.save_atomic({"x": torch.arange(3), "name": "a"}, path)
+    assert [p.name for p in path.parent.iterdir()] == ["ck.pt"]
+    blob = torch.load(path, weights_only=True)
+    assert torch.equal(blob["x"], torch.arange(3)) and blob["name"] == "a"
+    checkpoint.save_atomic({"x": torch.arange(5)}, path)  # overwrite
+    assert [p.name for p in path.parent.iterdir()] == ["ck.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(5))
+
+
+def test_interrupted_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    checkpoint.save_atomic({"x": torch.arange(3)}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:  # half a file, then the process "dies"
+            out.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt("interrupted mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"x": torch.arange(100)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+    assert not list(tmp_path.glob(".*.tmp"))  # the half-written temp file is cleaned up
