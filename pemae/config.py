@@ -73,11 +73,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     patch_size: int = knob(4, POSITIVE)
-    embed_dim: int = knob(192, POSITIVE)
-    depth: int = knob(6, POSITIVE)
-    num_heads: int = knob(3, POSITIVE)
+    embed_dim: int = knob(128, POSITIVE)
+    depth: int = knob(4, POSITIVE)
+    num_heads: int = knob(4, POSITIVE)
     mlp_ratio: float = knob(4.0, POSITIVE)
-    decoder_dim: int = knob(128, POSITIVE)
+    decoder_dim: int = knob(96, POSITIVE)
     decoder_depth: int = knob(2, POSITIVE)
     decoder_heads: int = knob(4, POSITIVE)
     mask_ratio: float = knob(0.75, OPEN_UNIT)
@@ -86,16 +86,44 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = knob("mae", one_of("mae"))
+    """The pretraining method. `mae`: pixel targets, no teachers (only `name` matters).
+
+    `pemae`: token reconstruction and CLS / data-token pseudo labels from EMA teachers
+    (see the README for which choices are the paper's and which are ours).
+    """
+
+    name: str = knob("pemae", one_of("mae", "pemae"))
+    teachers: str = knob("dual", one_of("dual", "single"))  # labelling + reconstruction, or one
+    recon_target: str = knob("token", one_of("token", "pixel"))
+    recon_loss: str = knob("mse", one_of("mse", "cosine"))
+    teacher_view: str = knob("full", one_of("full", "multifold"))  # multifold: masked patches only
+    folds: int = knob(4, POSITIVE)  # teacher_view multifold: masked patches split in F folds
+    balancing: str = knob("centering", one_of("centering", "sinkhorn"))
+    sinkhorn_iterations: int = knob(3, POSITIVE)
+    lambda_rec: float = knob(1.0, NON_NEGATIVE)
+    lambda_cls: float = knob(1.0, NON_NEGATIVE)  # 0 = no CLS pseudo labels
+    lambda_tok: float = knob(1.0, NON_NEGATIVE)  # 0 = no data-token pseudo labels
+    num_prototypes: int = knob(1024, POSITIVE)  # K
+    head_hidden_dim: int = knob(256, POSITIVE)
+    head_bottleneck_dim: int = knob(64, POSITIVE)
+    head_layers: int = knob(3, POSITIVE)
+    student_temp: float = knob(0.1, POSITIVE)
+    teacher_temp: float = knob(0.07, POSITIVE)
+    teacher_temp_start: float = knob(0.04, POSITIVE)  # linear warm-up from here to teacher_temp ...
+    teacher_temp_warmup: float = knob(0.3, UNIT)  # ... over this fraction of the steps
+    center_momentum: float = knob(0.9, UNIT)
+    momentum_rec: float = knob(0.999, UNIT)  # reconstruction teacher: cosine m0 -> 1
+    momentum_lab: float = knob(0.996, UNIT)  # labelling teacher: cosine m0 -> 1
+    freeze_last_layer_epochs: float = knob(0.25, NON_NEGATIVE)  # prototypes frozen this long
 
 
 @dataclass
 class PretrainConfig:
-    epochs: int = knob(8, NON_NEGATIVE)  # 0 = no training: the randomly initialised baseline
+    epochs: int = knob(2, NON_NEGATIVE)  # 0 = no training: the randomly initialised baseline
     batch_size: int = knob(256, POSITIVE)
-    base_lr: float = knob(1.5e-4, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
+    base_lr: float = knob(1.5e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
     min_lr: float = knob(0.0, NON_NEGATIVE)
-    warmup_epochs: float = knob(1.0, NON_NEGATIVE)
+    warmup_epochs: float = knob(0.3, NON_NEGATIVE)
     weight_decay: float = knob(0.05, NON_NEGATIVE)
     betas: list[float] = knob([0.9, 0.95])
     seed: int = 0
@@ -105,7 +133,7 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = knob(3, POSITIVE)
+    epochs: int = knob(2, POSITIVE)
     batch_size: int = knob(128, POSITIVE)
     base_lr: float = knob(1e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
     min_lr: float = knob(1e-6, NON_NEGATIVE)
@@ -238,6 +266,12 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         errors.append("data.std: every value must be > 0")
     if len(cfg.pretrain.betas) != 2 or not all(0 <= b < 1 for b in cfg.pretrain.betas):
         errors.append(f"pretrain.betas = {cfg.pretrain.betas}: expected two values in [0, 1)")
+    me = cfg.method
+    if me.name == "pemae" and me.recon_target == "pixel" and me.lambda_tok > 0:
+        errors.append("method.lambda_tok needs method.recon_target = 'token' (data-token pseudo "
+                      "labels are predicted from the reconstructed tokens); set it to 0")
+    if me.name == "pemae" and me.lambda_rec + me.lambda_cls + me.lambda_tok == 0:
+        errors.append("method: lambda_rec, lambda_cls and lambda_tok are all 0: nothing to learn")
     if d.dataset == "imagefolder" and not d.root:
         errors.append("data.root: required for dataset 'imagefolder' (a folder with train/ and val/)")
     for section in ("pretrain", "finetune"):

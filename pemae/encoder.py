@@ -25,6 +25,25 @@ def encoder_kwargs(model: ModelConfig, data: DataConfig) -> dict:
     )
 
 
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x[b, ids[b]] for every sample: [B, N, D], [B, K] -> [B, K, D]."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def encode_patches(vit: nn.Module, imgs: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[CLS] + the patches at `ids` (all when None) through the blocks, before the final norm.
+
+    [B, C, H, W], [B, K] -> [B, 1+K, D]. Sparse: only the chosen patches are processed (MAE).
+    """
+    x = vit.patch_embed(imgs)  # [B, N, D]
+    x = x + vit.pos_embed[:, 1:]  # [B, N, D]
+    if ids is not None:
+        x = gather_tokens(x, ids)  # [B, K, D]
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
+    x = torch.cat([cls, x], dim=1)  # [B, 1+K, D]
+    return vit.blocks(vit.norm_pre(x))  # [B, 1+K, D]
+
+
 def build_encoder(
     model: ModelConfig,
     data: DataConfig,

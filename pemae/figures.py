@@ -14,6 +14,8 @@ import torch  # noqa: E402
 from pemae.config import DataConfig  # noqa: E402
 from pemae.data import denormalise  # noqa: E402
 from pemae.mae import MaskedAutoencoder, random_masking  # noqa: E402
+from pemae.model import COLLAPSED_PERPLEXITY  # noqa: E402
+from pemae.results import format_cell  # noqa: E402
 from pemae.runtime import read_log  # noqa: E402
 
 
@@ -24,22 +26,33 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def loss_curves(logs: dict[str, str | Path], column: str = "loss") -> plt.Figure:
-    """One curve of `column` against the global step per run (runs without a log are skipped)."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for run, path in logs.items():
-        if not Path(path).is_file():
-            continue
-        log = read_log(path)
-        if column in log:
-            ax.plot(log["step"], log[column], label=run)
-    ax.set_xlabel("step")
-    ax.set_ylabel(column)
-    ax.set_title(f"pretraining {column}")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
+def curves(logs: dict[str, str | Path], columns: list[str]) -> plt.Figure:
+    """One panel per logged column, one curve per run, against the global step.
+
+    Runs whose log lacks a column (e.g. MAE has no pseudo labels) are left out of that panel.
+    Perplexity panels are log-scaled and show the collapse threshold.
+    """
+    tables = {run: read_log(path) for run, path in logs.items() if Path(path).is_file()}
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.4), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for run, log in tables.items():
+            if column in log:
+                ax.plot(log["step"], log[column], label=run)
+        if column.endswith("perplexity"):
+            ax.set_yscale("log")
+            ax.axhline(COLLAPSED_PERPLEXITY, color="red", linestyle=":", label="collapse")
+        ax.set_xlabel("step")
+        ax.set_title(column)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
+
+
+def loss_curves(logs: dict[str, str | Path], column: str = "loss") -> plt.Figure:
+    """One curve of `column` against the global step per run."""
+    return curves(logs, [column])
 
 
 @torch.no_grad()
@@ -91,7 +104,7 @@ def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, data: Data
 
 def table_figure(rows: list[dict], columns: list[str], title: str = "") -> plt.Figure:
     """A results table drawn as a figure (for the README)."""
-    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    cells = [[format_cell(row.get(c)) for c in columns] for row in rows]
     fig, ax = plt.subplots(figsize=(1.5 * len(columns), 0.45 * (len(rows) + 1.5)))
     ax.axis("off")
     table = ax.table(cellText=cells, colLabels=columns, loc="center", cellLoc="center")
@@ -102,7 +115,10 @@ def table_figure(rows: list[dict], columns: list[str], title: str = "") -> plt.F
 
 
 def grouped_bars(rows: list[dict], metrics: list[str], label: str = "run") -> plt.Figure:
-    """Accuracy per run, one group of bars per run and one bar per metric."""
+    """Accuracy per run, one group of bars per run and one bar per metric.
+
+    A run whose pseudo labels collapsed is marked "(collapsed)" under its bars.
+    """
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(rows), 3.6))
     width = 0.8 / len(metrics)
     x = np.arange(len(rows))
@@ -110,14 +126,25 @@ def grouped_bars(rows: list[dict], metrics: list[str], label: str = "run") -> pl
         values = [row.get(metric) or 0.0 for row in rows]
         bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, values, width, label=metric)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, [row[label] for row in rows])
+    ax.set_xticks(x, [row[label] + ("\n(collapsed)" if row.get("collapsed") else "") for row in rows])
     ax.set_ylabel("top-1 accuracy (%)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     return fig
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+def cost_figure(rows: list[dict]) -> plt.Figure:
+    """Training-step throughput and peak memory per variant, with the ratio to MAE on each bar."""
+    names = [r["variant"] for r in rows]
+    panels = [("images_per_s", "throughput_vs_mae", "images / s (higher is better)"),
+              ("peak_memory_mb", "memory_vs_mae", f"peak memory, MB ({rows[0]['memory_kind']})")]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (value, ratio, title) in zip(axes, panels):
+        bars = ax.bar(names, [r[value] for r in rows], color=["0.6", "tab:blue", "tab:orange"][:len(rows)])
+        ax.bar_label(bars, labels=[f"×{r[ratio]:.2f}" for r in rows], fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"one pretraining step, batch {rows[0]['batch_size']} on {rows[0]['device']} "
+                 "(ratios to MAE)", fontsize=9)
+    fig.tight_layout()
+    return fig

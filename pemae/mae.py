@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from pemae.config import DataConfig, ModelConfig
-from pemae.encoder import build_encoder
+from pemae.encoder import build_encoder, encode_patches, gather_tokens
 from pemae.pos_embed import sincos_2d
 
 
@@ -38,11 +38,6 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None)
     mask[:, :num_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)  # [B, N]
     return Masking(ids_shuffle[:, :num_keep], ids_shuffle[:, num_keep:], ids_restore, mask)
-
-
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x[b, ids[b]] for every sample: [B, N, D], [B, K] -> [B, K, D]."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class MaskedAutoencoder(nn.Module):
@@ -111,14 +106,8 @@ class MaskedAutoencoder(nn.Module):
     # ------------------------------------------------------------------------ encoder
     def forward_encoder(self, imgs: torch.Tensor, masking: Masking) -> torch.Tensor:
         """Encode [CLS] + the visible patches only: [B, C, H, W] -> [B, 1+V, D]."""
-        enc = self.encoder
-        x = enc.patch_embed(imgs)  # [B, N, D]
-        x = x + enc.pos_embed[:, 1:]  # [B, N, D]
-        x = gather_tokens(x, masking.ids_keep)  # [B, V, D]
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
-        x = torch.cat([cls, x], dim=1)  # [B, 1+V, D]
-        x = enc.blocks(enc.norm_pre(x))  # [B, 1+V, D]
-        return enc.norm(x)  # [B, 1+V, D]
+        x = encode_patches(self.encoder, imgs, masking.ids_keep)  # [B, 1+V, D]
+        return self.encoder.norm(x)  # [B, 1+V, D]
 
     # ------------------------------------------------------------------------ decoder
     def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:
@@ -148,10 +137,17 @@ class MaskedAutoencoder(nn.Module):
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
         """One MAE step: returns the loss plus the prediction and mask for figures."""
         masking = random_masking(imgs.shape[0], self.num_patches, self.mask_ratio, imgs.device)
         latent = self.forward_encoder(imgs, masking)  # [B, 1+V, D]
         pred = self.decoder_pred(self.forward_decoder(latent, masking))  # [B, N, p*p*C]
         loss = self.forward_loss(imgs, pred, masking.mask)
         return {"loss": loss, "loss_rec": loss.detach(), "pred": pred, "mask": masking.mask}
+
+    # ------------------------------------------------------------------------ training hooks
+    def after_backward(self, step: int) -> None:
+        """Called between backward and the optimiser step (nothing to do for MAE)."""
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimiser step (nothing to do for MAE: it has no teacher)."""

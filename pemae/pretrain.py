@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pemae import checkpoint
-from pemae.config import Config, ConfigError
+from pemae.config import Config, ConfigError, build_config
 from pemae.data import build_dataset, pretrain_transform
-from pemae.mae import MaskedAutoencoder
+from pemae.model import build_pretrain_model, collapse_report
 from pemae.optim import param_groups, set_lr
 from pemae.runtime import MetricLog, autocast, pick_device, seed_everything
 from pemae.schedules import warmup_cosine
@@ -51,18 +51,16 @@ class PretrainPaths:
         return self.out_dir / "summary.json"
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The pretraining model of `cfg.method`."""
-    return MaskedAutoencoder(cfg.model, cfg.data)
-
-
 def peak_lr(batch_size: int, base_lr: float) -> float:
     """The linear scaling rule of Goyal et al. (2017), as in MAE: lr = base_lr * batch / 256."""
     return base_lr * batch_size / 256
 
 
-def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
-    """Pretrain `cfg.method` and write checkpoint, encoder export, config, log and summary."""
+def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Pretrain `cfg.method`; write checkpoint, encoder export, config, log and summary.
+
+    Returns the trained model and the summary.
+    """
     paths = PretrainPaths(out_dir)
     pc = cfg.pretrain
     device = pick_device(pc.device)
@@ -79,10 +77,10 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     paths.out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(paths.config)
 
-    model = build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
     steps_per_epoch = len(loader)
     total_steps = pc.epochs * steps_per_epoch
+    model = build_pretrain_model(cfg, total_steps, steps_per_epoch).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
     lr = peak_lr(pc.batch_size, pc.base_lr)
     warmup_steps = round(pc.warmup_epochs * steps_per_epoch)
     print(f"pretraining {cfg.method.name}: {len(dataset)} images, {pc.epochs} epochs x "
@@ -96,7 +94,7 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     for epoch in range(pc.epochs):
         for imgs, _ in loader:
             set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
-            terms = train_step(model, optimizer, imgs.to(device, non_blocking=True), device)
+            terms = train_step(model, optimizer, imgs.to(device, non_blocking=True), device, step)
             step += 1
             seen += imgs.shape[0]
             bar.update()
@@ -112,24 +110,42 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
 
     checkpoint.save_atomic(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-         "config": cfg.to_dict()},
+         "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict()},
         paths.checkpoint,
     )
     checkpoint.export_encoder(model.encoder, cfg, paths.encoder)
     summary = {"steps": step, "images_seen": seen, "seconds": round(elapsed, 1),
                "images_per_s": round(seen / elapsed, 1) if step else 0.0,
-               "final_loss": terms["loss"] if step else None}
+               "final_loss": terms["loss"] if step else None,
+               **(collapse_report(terms, cfg.method.num_prototypes) if step else {})}
+    if summary.get("collapsed"):
+        print(f"WARNING: the pseudo labels of this run collapsed: {summary}")
     paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return model, summary
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """Forward, backward, update; returns the named loss terms, detached."""
+               device: torch.device, step: int) -> dict[str, torch.Tensor]:
+    """Forward, backward, update (student), then the model's own update (teachers).
+
+    Returns every scalar the model reported (loss terms and monitors), detached.
+    """
     with autocast(device):
-        out = model(imgs)
-    loss = out["loss"]
+        out = model(imgs, step)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    out["loss"].backward()
+    model.after_backward(step)
     optimizer.step()
-    return {k: v.detach() for k, v in out.items() if k.startswith("loss")}
+    model.after_step(step)
+    return {k: v.detach() for k, v in out.items() if v.ndim == 0}
+
+
+def load_pretrained(path: str | Path) -> tuple[nn.Module, Config]:
+    """Rebuild a pretraining model (student, heads, teachers) from its checkpoint, in eval mode."""
+    state = checkpoint.load(path)
+    cfg = build_config("default", state["config"])
+    # the schedule lengths only matter for training; checkpoints from before they were saved lack them
+    model = build_pretrain_model(cfg, state.get("total_steps", state["step"]),
+                                 state.get("steps_per_epoch", 1))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg

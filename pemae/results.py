@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 COLUMNS = ["run", "knn_top1", "linear_top1", "finetune_top1", "pretrain_images_per_s",
-           "pretrain_final_loss"]
+           "pretrain_final_loss", "collapsed"]
 
 
 class RunPaths:
@@ -47,15 +47,20 @@ def gather(results_dir: str | Path, runs: list[str]) -> list[dict]:
                **_read_json(paths.finetune / "summary.json")}
         row["pretrain_images_per_s"] = pre.get("images_per_s")
         row["pretrain_final_loss"] = pre.get("final_loss")
+        row["collapsed"] = pre.get("collapsed")  # None for runs without pseudo labels
         rows.append(row)
     return rows
 
 
-def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
-    """A GitHub markdown table of `rows`."""
-    def cell(v):
-        return "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+def format_cell(value) -> str:
+    """A table cell: floats with two decimals, missing values as a dash."""
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
+
+def markdown_table(rows: list[dict], columns: list[str] = COLUMNS, fmt=format_cell) -> str:
+    """A GitHub markdown table of `rows`, each cell written by `fmt`."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"

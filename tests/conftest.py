@@ -33,27 +33,16 @@ def tiny_config(**sections) -> Config:
 
 
 def run_pretrain(cfg: Config, out_dir: Path) -> SimpleNamespace:
-    """Run `pretrain` and also capture the trained model instance it built."""
-    from pemae import pretrain as pretrain_module
+    """Run `pretrain`; keep the trained model it returns."""
+    from pemae.pretrain import pretrain
 
-    built = []
-    original = pretrain_module.build_model
-
-    def capture(c):
-        model = original(c)
-        built.append(model)
-        return model
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pretrain_module, "build_model", capture)
-        summary = pretrain_module.pretrain(cfg, out_dir, progress=False)
-    assert len(built) == 1
-    return SimpleNamespace(cfg=cfg, out_dir=Path(out_dir), summary=summary, model=built[0].eval())
+    model, summary = pretrain(cfg, out_dir, progress=False)
+    return SimpleNamespace(cfg=cfg, out_dir=Path(out_dir), summary=summary, model=model.eval())
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> SimpleNamespace:
-    """One tiny pretraining run (512 images, 8 steps, one row logged per step)."""
+    """One tiny MAE pretraining run (512 images, 8 steps, one row logged per step)."""
     if not fashion_mnist_installed():
         pytest.skip(f"real Fashion-MNIST not installed under {data.DEBIAN_FASHION_MNIST}")
-    return run_pretrain(tiny_config(), tmp_path_factory.mktemp("tiny_pretrain"))
+    return run_pretrain(tiny_config(method={"name": "mae"}), tmp_path_factory.mktemp("tiny_pretrain"))

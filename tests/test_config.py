@@ -65,7 +65,7 @@ def test_patch_size_that_does_not_divide_img_size_is_rejected():
 
 def test_heads_that_do_not_divide_width_are_rejected():
     assert "model.num_heads" in config_error({"model": {"num_heads": 5}})
-    assert "model.decoder_heads" in config_error({"model": {"decoder_heads": 3}})
+    assert "model.decoder_heads" in config_error({"model": {"decoder_heads": 5}})
 
 
 @pytest.mark.parametrize("section,key,value", [
@@ -330,7 +330,7 @@ def test_every_preset_validates_and_builds_its_model(name):
 def test_presets_have_the_documented_sizes():
     tiny, default, paper = (preset_config(n) for n in ("tiny", "default", "paper"))
     assert (tiny.model.depth, tiny.model.embed_dim) == (2, 64)
-    assert (default.model.depth, default.model.embed_dim) == (6, 192)
+    assert (default.model.depth, default.model.embed_dim) == (4, 128)
     assert (paper.model.depth, paper.model.embed_dim, paper.model.num_heads) == (12, 768, 12)
     assert (paper.model.patch_size, paper.data.img_size, paper.data.in_chans) == (16, 224, 3)
     assert (paper.model.decoder_depth, paper.model.decoder_dim) == (8, 512)

@@ -13,7 +13,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def test_there_are_the_four_pipeline_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert names == ["01_pretrain.ipynb", "02_evaluate.ipynb", "03_finetune.ipynb", "04_figures.ipynb"]
+    assert names == ["01_pretrain.ipynb", "02_evaluate.ipynb", "03_finetune.ipynb",
+                     "04_figures.ipynb", "05_cost.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

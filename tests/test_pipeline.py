@@ -56,10 +56,11 @@ def test_repro_builds_every_stage_then_is_up_to_date(repo):
     runs = yaml.safe_load((repo / "params.yaml").read_text())["runs"]
     first = stages_run(run(["dvc", "repro"], repo))
     expected = {f"{stage}@{r}" for stage in ("pretrain", "evaluate", "finetune") for r in runs}
-    assert first == expected | {"figures"}
+    assert first == expected | {"figures", "cost"}
     table = (repo / "results" / "results.md").read_text()
     assert all(f"| {r} |" in table for r in runs)
-    for png in ("pretrain_loss", "reconstructions", "accuracy", "results_table"):
+    for png in ("pretrain_loss", "reconstructions", "accuracy", "results_table", "loss_terms",
+                "collapse_monitors", "attention_maps", "pseudo_label_maps", "cost"):
         assert (repo / "results" / "figures" / f"{png}.png").stat().st_size > 1000
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == set()
@@ -68,5 +69,10 @@ def test_repro_builds_every_stage_then_is_up_to_date(repo):
 def test_exp_run_reruns_only_what_depends_on_the_changed_knob(repo):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "results"], repo)
+    runs = yaml.safe_load((repo / "params.yaml").read_text())["runs"]
     out = run(["dvc", "exp", "run", "-S", "finetune.epochs=2"], repo)
-    assert stages_run(out) == {"finetune@mae", "finetune@random", "figures"}
+    assert stages_run(out) == {f"finetune@{r}" for r in runs} | {"figures"}
+    out = run(["dvc", "exp", "run", "-S", "evaluation.knn_k=5"], repo)
+    assert stages_run(out) == {f"evaluate@{r}" for r in runs} | {"figures"}
+    out = run(["dvc", "exp", "run", "-S", "runs.pemae.method.lambda_cls=0.5"], repo)
+    assert stages_run(out) == {"pretrain@pemae", "evaluate@pemae", "finetune@pemae", "figures"}

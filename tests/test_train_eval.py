@@ -20,6 +20,8 @@ from pemae.pretrain import peak_lr, pretrain
 from pemae.runtime import MetricLog, pick_device, read_log
 from pemae.schedules import warmup_cosine
 
+MAE = {"name": "mae"}  # these tests are about the MAE baseline's loop and checkpoints
+
 LOG_COLUMNS = ["step", "epoch", "lr", "images_per_s", "loss", "loss_rec"]
 
 
@@ -39,7 +41,7 @@ def short_runs(tmp_path_factory):
         pytest.skip("real Fashion-MNIST not installed")
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        cfg = tiny_config(data={"train_subset": 192}, pretrain={"seed": seed, "log_every": 2})
+        cfg = tiny_config(data={"train_subset": 192}, method=MAE, pretrain={"seed": seed, "log_every": 2})
         runs[name] = run_pretrain(cfg, tmp_path_factory.mktemp(f"short_{name}"))
     return runs
 
@@ -101,7 +103,7 @@ def test_pretrain_summary(tiny_run):
 
 @needs_fashion_mnist
 def test_pretrain_with_zero_epochs_saves_the_initialisation(tmp_path):
-    cfg = tiny_config(pretrain={"epochs": 0})
+    cfg = tiny_config(method=MAE, pretrain={"epochs": 0})
     run = run_pretrain(cfg, tmp_path)
     assert run.summary["steps"] == 0 and run.summary["final_loss"] is None
     blob = checkpoint.load(tmp_path / "checkpoint.pt")
@@ -113,7 +115,7 @@ def test_pretrain_with_zero_epochs_saves_the_initialisation(tmp_path):
 @needs_fashion_mnist
 def test_pretrain_with_zero_epochs_writes_every_declared_output(tmp_path):
     """dvc.yaml declares log.csv a plot output of every pretrain stage, the `random` run included."""
-    pretrain(tiny_config(pretrain={"epochs": 0}), tmp_path, progress=False)
+    pretrain(tiny_config(method=MAE, pretrain={"epochs": 0}), tmp_path, progress=False)
     for name in ("checkpoint.pt", "encoder.pt", "config.yaml", "summary.json", "log.csv"):
         assert (tmp_path / name).is_file(), name
     assert read_log(tmp_path / "log.csv") == {}
@@ -121,7 +123,7 @@ def test_pretrain_with_zero_epochs_writes_every_declared_output(tmp_path):
 
 @needs_fashion_mnist
 def test_pretrain_batch_larger_than_the_dataset_is_a_config_error(tmp_path):
-    cfg = tiny_config(data={"train_subset": 32})
+    cfg = tiny_config(data={"train_subset": 32}, method=MAE)
     with pytest.raises(ConfigError, match="pretrain.batch_size"):
         pretrain(cfg, tmp_path, progress=False)
 
@@ -312,7 +314,7 @@ def test_finetune_end_to_end_from_a_tiny_pretrain(tiny_run, tmp_path):
 
 @needs_fashion_mnist
 def test_finetune_subset_larger_than_the_train_set_is_a_config_error(tmp_path):
-    cfg = tiny_config(finetune={"train_subset": 600})  # data.train_subset = 512
+    cfg = tiny_config(method=MAE, finetune={"train_subset": 600})  # data.train_subset = 512
     enc_path = exported_encoder(tmp_path, cfg)[1]
     with pytest.raises(ConfigError, match="finetune.train_subset"):
         finetune(cfg, enc_path, tmp_path / "ft", progress=False)

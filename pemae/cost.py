@@ -1,0 +1,341 @@
+"""What the teachers cost: training-step throughput and memory of MAE, PEMAE single, PEMAE dual.
+
+The paper calls the second (decoupled) teacher's cost "negligible". `measure_step_cost` measures
+it in one process, on one fixed batch, with the same training step as `pemae.pretrain` (forward,
+backward, AdamW step, the teachers' EMA update):
+
+    from pemae.config import build_config
+    from pemae.cost import measure_step_cost
+    rows = measure_step_cost(build_config("default"), warmup=2, steps=6)   # prints a table
+
+or `python -m pemae.cost --preset default --warmup 2 --steps 6`.
+
+Fairness: every variant is built from the same seed (identical student initialisation), is
+warmed up before any timing, and the timed steps are interleaved in rounds whose variant order
+rotates, so slow drifts or bursts of noise on a shared machine hit every variant alike; each
+variant's step time is the median over its rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from pemae.config import Config, build_config, deep_merge
+from pemae.model import build_pretrain_model
+from pemae.optim import param_groups
+from pemae.pretrain import peak_lr, train_step
+from pemae.results import markdown_table
+from pemae.runtime import pick_device
+
+COST_VARIANTS: dict[str, dict] = {
+    "mae": {"name": "mae"},
+    "pemae_single": {"name": "pemae", "teachers": "single"},
+    "pemae_dual": {"name": "pemae", "teachers": "dual"},
+}
+
+REFERENCE = "mae"  # ratios `*_vs_mae` are relative to this variant
+SINGLE = "pemae_single"  # ratios `*_vs_single` (dual over single) are relative to this one
+TOTAL_STEPS, STEPS_PER_EPOCH = 1000, 100  # the schedule the measured models are built for
+MB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Building one variant
+# --------------------------------------------------------------------------------------------
+def variant_config(cfg: Config, method_overrides: dict) -> Config:
+    """`cfg` with `method_overrides` merged into its `method` section, validated again."""
+    return build_config("default", deep_merge(cfg.to_dict(), {"method": method_overrides}))
+
+
+def build_variant(cfg: Config, method_overrides: dict, seed: int = 0) -> nn.Module:
+    """The pretraining model of one variant, initialised from `seed` (on the CPU).
+
+    The RNG is reset right before building, and the student MAE is the first module every
+    variant builds, so all variants start from the same student weights.
+    """
+    torch.manual_seed(seed)
+    return build_pretrain_model(variant_config(cfg, method_overrides), TOTAL_STEPS, STEPS_PER_EPOCH)
+
+
+def student_of(model: nn.Module) -> nn.Module:
+    """The student masked autoencoder (PEMAE wraps one; MAE is one)."""
+    return getattr(model, "student", model)
+
+
+def teacher_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of the model's EMA teachers (none for MAE)."""
+    teachers = getattr(model, "teacher_set", None)
+    return list(teachers.parameters()) if teachers is not None else []
+
+
+def first_measured_step(model: nn.Module) -> int:
+    """A steady-state step index: half-way through training and past prototype freezing.
+
+    During the first epoch(s) PEMAE drops the prototypes' gradient (so AdamW keeps no state for
+    them); measuring there would under-count the student's cost.
+    """
+    return max(TOTAL_STEPS // 2, getattr(model, "freeze_last_layer_steps", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """(data pointer, bytes) of the storage a tensor lives in; views share their base's."""
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """Everything a training step keeps between steps: weights and buffers (teachers included),
+    gradients, and the optimiser state (AdamW: exp_avg, exp_avg_sq, step)."""
+    yield from model.parameters()
+    yield from model.buffers()
+    yield from (p.grad for p in model.parameters() if p.grad is not None)
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if torch.is_tensor(v))
+
+
+def distinct_bytes(tensors: Iterable[torch.Tensor], device: torch.device) -> dict[int, int]:
+    """{data pointer: bytes} of the distinct storages on `device` among `tensors`."""
+    out: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type == device.type:
+            ptr, nbytes = _storage_key(t)
+            if ptr:  # empty tensors own no memory
+                out[ptr] = nbytes
+    return out
+
+
+@contextmanager
+def saved_for_backward(exclude: set[int]) -> Iterator[dict[int, int]]:
+    """Record {data pointer: bytes} of every distinct storage autograd saves for backward.
+
+    Storages whose pointer is in `exclude` (weights already counted as state) are skipped.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr, nbytes = _storage_key(t)
+        if ptr and ptr not in exclude:
+            seen[ptr] = nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
+                device: torch.device, step: int) -> dict:
+    """Memory of one training step (runs one step, two on CUDA).
+
+    Always reported:
+      state_mb  weights and buffers of the whole model (student, heads, every EMA teacher),
+                gradients and AdamW state, each distinct storage on `device` once;
+      saved_mb  every distinct storage autograd saves for backward during the forward
+                (activations, the input batch, teacher targets used by the losses), weights
+                excluded (already in state_mb).
+    peak_memory_mb, by `memory_kind`:
+      "cpu_step_estimate"    state_mb + saved_mb. There is no allocator peak counter on the CPU,
+                             so this leaves out transient buffers freed within the forward or
+                             backward (attention scores, GELU inputs never saved, ...) and the
+                             teachers' forward activations: teachers run under no_grad, nothing
+                             of theirs is saved for backward. Only their weights are counted.
+      "cuda_peak_allocated"  state_mb + how far the caching allocator's allocated bytes rose
+                             above their level just before the step (torch.cuda max/peak
+                             counters): every transient, teacher activations included. Other
+                             variants' models, resident on the same GPU, are excluded.
+    """
+    weights = distinct_bytes([*model.parameters(), *model.buffers()], device)
+    with saved_for_backward(set(weights)) as saved:
+        train_step(model, optimizer, imgs, device, step)
+    state = distinct_bytes(state_tensors(model, optimizer), device)  # after: grads and AdamW state exist
+    row = {"state_mb": sum(state.values()) / MB, "saved_mb": sum(saved.values()) / MB}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(model, optimizer, imgs, device, step + 1)
+        torch.cuda.synchronize(device)
+        rise = torch.cuda.max_memory_allocated(device) - before
+        row.update(peak_memory_mb=row["state_mb"] + rise / MB, memory_kind="cuda_peak_allocated")
+    else:
+        row.update(peak_memory_mb=row["state_mb"] + row["saved_mb"], memory_kind="cpu_step_estimate")
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
+                device: torch.device, first_step: int, count: int) -> float:
+    """Seconds per step over `count` consecutive training steps (synchronised at both ends only)."""
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(count):
+        train_step(model, optimizer, imgs, device, first_step + i)
+    _sync(device)
+    return (time.perf_counter() - start) / count
+
+
+def rotated(names: list[str], shift: int) -> list[str]:
+    """`names` rotated left by `shift` (round r starts with a different variant)."""
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement
+# --------------------------------------------------------------------------------------------
+def add_ratios(rows: list[dict], reference: str, suffix: str) -> None:
+    """Add throughput_vs_<suffix> and memory_vs_<suffix> to every row (skipped if absent)."""
+    ref = next((r for r in rows if r["variant"] == reference), None)
+    if ref is None:
+        return
+    for r in rows:
+        r[f"throughput_vs_{suffix}"] = r["images_per_s"] / ref["images_per_s"]
+        r[f"memory_vs_{suffix}"] = r["peak_memory_mb"] / ref["peak_memory_mb"]
+
+
+COLUMNS = ("variant", "batch_size", "step_ms", "step_ms_min", "step_ms_max", "images_per_s",
+           "throughput_vs_mae", "throughput_vs_single", "peak_memory_mb", "memory_vs_mae",
+           "memory_vs_single", "memory_kind", "state_mb", "saved_mb", "params_trainable",
+           "params_teacher", "device")
+
+
+def resolve_device(device: str | torch.device | None, cfg: Config) -> torch.device:
+    """A torch device as given, or `pick_device` of a name (None: cfg.pretrain.device)."""
+    if isinstance(device, torch.device):
+        return device
+    return pick_device(device or cfg.pretrain.device)
+
+
+def measure_step_cost(cfg: Config, variants: dict[str, dict] = COST_VARIANTS,
+                      batch_size: int | None = None, warmup: int = 3, steps: int = 10,
+                      device=None, seed: int = 0, block: int = 1,
+                      verbose: bool = True) -> list[dict]:
+    """Throughput and memory of one training step for each variant (method overrides of `cfg`).
+
+    One fixed batch of random images [batch, in_chans, img_size, img_size] (batch defaults to
+    cfg.pretrain.batch_size) feeds every step. Each variant gets its model (seeded: identical
+    student initialisation), AdamW over `param_groups`, `warmup` untimed steps and one memory
+    measurement (see `step_memory`). Then `steps` timed steps per variant run in rounds: each
+    round times `block` consecutive steps of every variant, the order rotating from round to
+    round; the step time is the median over rounds. Steps use a steady-state step index
+    (`first_measured_step`).
+
+    Returns one flat dict per variant (keys: `COLUMNS`); `*_vs_mae` are ratios to the `mae`
+    row, `*_vs_single` to the `pemae_single` row (the dual row's is dual over single).
+    """
+    device = resolve_device(device, cfg)
+    d, pc = cfg.data, cfg.pretrain
+    batch = batch_size or pc.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(batch, d.in_chans, d.img_size, d.img_size, generator=gen).to(device)  # [B, C, H, W]
+
+    models: dict[str, nn.Module] = {}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    next_step: dict[str, int] = {}
+    rows: dict[str, dict] = {}
+    for name, overrides in variants.items():
+        model = build_variant(cfg, overrides, seed).to(device).train()
+        optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay),
+                                      lr=peak_lr(batch, pc.base_lr), betas=tuple(pc.betas))
+        step = first_measured_step(model)
+        for _ in range(warmup):
+            train_step(model, optimizer, imgs, device, step)
+            step += 1
+        models[name], optimizers[name], next_step[name] = model, optimizer, step
+        rows[name] = {
+            "variant": name, "batch_size": batch,
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "params_teacher": sum(p.numel() for p in teacher_parameters(model)),
+            "device": device.type,
+        }
+
+    for name in variants:  # after every warm-up, so lazily created workspaces count for none
+        rows[name].update(step_memory(models[name], optimizers[name], imgs, device, next_step[name]))
+        next_step[name] += 2
+
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    gc.collect()
+    for r in range(math.ceil(steps / block)):
+        for name in rotated(list(variants), r):
+            samples[name].append(timed_steps(models[name], optimizers[name], imgs, device,
+                                             next_step[name], block))
+            next_step[name] += block
+
+    for name, times in samples.items():
+        median = statistics.median(times)
+        rows[name].update(step_ms=1e3 * median, step_ms_min=1e3 * min(times),
+                          step_ms_max=1e3 * max(times), images_per_s=batch / median)
+    out = list(rows.values())
+    add_ratios(out, REFERENCE, "mae")
+    add_ratios(out, SINGLE, "single")
+    out = [{k: r[k] for k in COLUMNS if k in r} for r in out]
+    if verbose:
+        print(format_table(out))
+        print(summary(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as a markdown table; columns are the union of keys in order of first appearance."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return markdown_table(rows, columns, fmt=_cell)
+
+
+def summary(rows: list[dict]) -> str:
+    """The ratios that matter, one line each: every variant against MAE, dual against single."""
+    pairs = [(r, "mae") for r in rows if r["variant"] != REFERENCE and "throughput_vs_mae" in r]
+    pairs += [(r, "single") for r in rows
+              if r["variant"] not in (REFERENCE, SINGLE) and "throughput_vs_single" in r]
+    lines = []
+    for r, ref in pairs:
+        t, m = r[f"throughput_vs_{ref}"], r[f"memory_vs_{ref}"]
+        lines.append(f"{r['variant']} vs {ref}: throughput x{t:.3f} ({100 * (t - 1):+.1f}%), "
+                     f"peak memory x{m:.3f} ({100 * (m - 1):+.1f}%) [{r['memory_kind']}]")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--block", type=int, default=1)
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's)")
+    args = parser.parse_args(argv)
+    return measure_step_cost(build_config(args.preset), batch_size=args.batch_size,
+                             warmup=args.warmup, steps=args.steps, device=args.device,
+                             block=args.block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""PEMAE: MAE with token reconstruction and pseudo labels from decoupled EMA teachers.
+
+Nandam et al., "Pseudo Labelling for Enhanced Masked Autoencoders", BMVC 2024. One step
+(METHOD.md, shapes for B images, N patches, V visible, M masked, D width, K prototypes):
+
+1. mask, encode the visible patches (student)                 z_cls [B, D], z_vis [B, V, D]
+2. decode; a linear head predicts a token at every masked spot  y [B, M, D]
+3. reconstruction teacher (EMA encoder, full image) -> targets  t = LN(its tokens at M) [B, M, D]
+4. labelling teacher (EMA encoder + head H) -> pseudo labels    q_cls [B, K], q_tok [B, M, K]
+5. loss = λ_rec·|y - t|² + λ_cls·CE(q_cls, H(z_cls)) + λ_tok·CE(q_tok, H(y))
+6. after the optimiser step, each teacher follows the student by EMA with its own momentum.
+
+`teachers: single` uses one EMA teacher (one forward pass) for both targets and pseudo labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pemae.config import Config
+from pemae.encoder import encode_patches, gather_tokens
+from pemae.heads import LabellingHead
+from pemae.losses import (centered_probs, entropy, pseudo_label_loss, sinkhorn_knopp,
+                          token_reconstruction_loss, update_center)
+from pemae.mae import Masking, MaskedAutoencoder, random_masking
+from pemae.teachers import EMATeacher, ema_momentum
+
+
+def teacher_temperature(step: int, total_steps: int, start: float, final: float,
+                        warmup_fraction: float) -> float:
+    """Linear warm-up of τ_t from `start` to `final` over the first fraction of the steps."""
+    warmup = warmup_fraction * total_steps
+    if step >= warmup:
+        return final
+    return start + (final - start) * step / warmup
+
+
+def teacher_features(encoder: nn.Module, imgs: torch.Tensor, masking: Masking, view: str,
+                     folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's CLS feature (final norm) [B, D] and LayerNorm-ed tokens at the masked spots [B, M, D].
+
+    view 'full': one pass over the whole image. view 'multifold' (SdAE): only the masked patches
+    are seen, split into `folds` groups with a pass each; the CLS features are averaged.
+    """
+    if view == "full":
+        x = encode_patches(encoder, imgs)  # [B, 1+N, D]
+        cls, tokens = x[:, 0], gather_tokens(x[:, 1:], masking.ids_masked)  # [B, D], [B, M, D]
+    else:
+        outs = [encode_patches(encoder, imgs, ids) for ids in masking.ids_masked.chunk(folds, dim=1)]
+        cls = torch.stack([o[:, 0] for o in outs]).mean(0)  # [B, D]
+        tokens = torch.cat([o[:, 1:] for o in outs], dim=1)  # [B, M, D] in ids_masked order
+    tokens = F.layer_norm(tokens.float(), tokens.shape[-1:])  # [B, M, D], no affine
+    return encoder.norm(cls), tokens
+
+
+class PEMAE(nn.Module):
+    def __init__(self, cfg: Config, total_steps: int, steps_per_epoch: int):
+        super().__init__()
+        m = cfg.method
+        self.method = m
+        self.total_steps = max(1, total_steps)
+        self.freeze_last_layer_steps = round(m.freeze_last_layer_epochs * steps_per_epoch)
+        self.student = MaskedAutoencoder(cfg.model, cfg.data)
+        self.token_target = m.recon_target == "token"
+        self.use_cls = m.lambda_cls > 0
+        self.use_tok = m.lambda_tok > 0
+
+        # ---------------------------------------------------------------- student heads
+        self.token_head = (nn.Linear(cfg.model.decoder_dim, cfg.model.embed_dim)
+                           if self.token_target else None)
+        self.label_head = (LabellingHead(cfg.model.embed_dim, m.num_prototypes, m.head_hidden_dim,
+                                         m.head_bottleneck_dim, m.head_layers)
+                           if self.use_cls or self.use_tok else None)
+
+        # ---------------------------------------------------------------- teachers
+        # single: one teacher ("shared") for targets and pseudo labels, one forward pass;
+        # dual: a reconstruction teacher ("rec", token targets only) and a labelling teacher ("lab")
+        encoder = self.student.encoder
+        head = {"head": self.label_head} if self.label_head is not None else {}
+        self.teacher_set = nn.ModuleDict()
+        if m.teachers == "single":
+            self.teacher_set["shared"] = EMATeacher(encoder=encoder, **head)
+        else:
+            if self.token_target:
+                self.teacher_set["rec"] = EMATeacher(encoder=encoder)
+            if self.label_head is not None:
+                self.teacher_set["lab"] = EMATeacher(encoder=encoder, **head)
+        self.register_buffer("center_cls", torch.zeros(1, m.num_prototypes))
+        self.register_buffer("center_tok", torch.zeros(1, m.num_prototypes))
+
+    # ------------------------------------------------------------------------ helpers
+    @property
+    def encoder(self) -> nn.Module:
+        """The student encoder (what is exported and evaluated)."""
+        return self.student.encoder
+
+    def _teacher(self, name: str) -> EMATeacher | None:
+        for key in ("shared", name):
+            if key in self.teacher_set:
+                return self.teacher_set[key]
+        return None
+
+    @property
+    def rec_teacher(self) -> EMATeacher | None:
+        """The teacher giving token targets (the shared one under `teachers: single`)."""
+        return self._teacher("rec")
+
+    @property
+    def lab_teacher(self) -> EMATeacher | None:
+        """The teacher giving pseudo labels (the shared one under `teachers: single`)."""
+        return self._teacher("lab")
+
+    def momentum_knob(self, name: str) -> str:
+        """The momentum a teacher follows; a shared teacher with a head follows the labelling one."""
+        if name == "rec" or (name == "shared" and self.label_head is None):
+            return "momentum_rec"
+        return "momentum_lab"
+
+    def momentum(self, name: str, step: int) -> float:
+        return ema_momentum(step, self.total_steps, getattr(self.method, self.momentum_knob(name)))
+
+    def pseudo_labels(self, teacher_logits: torch.Tensor, center: torch.Tensor,
+                      temp: float) -> torch.Tensor:
+        """Teacher probabilities [..., K]: centred softmax (centre then updated) or Sinkhorn-Knopp."""
+        m = self.method
+        if m.balancing == "sinkhorn":
+            return sinkhorn_knopp(teacher_logits, temp, m.sinkhorn_iterations)
+        probs = centered_probs(teacher_logits, center, temp)
+        if self.training:
+            update_center(center, teacher_logits, m.center_momentum)
+        return probs
+
+    # ------------------------------------------------------------------------ one step
+    def forward(self, imgs: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        m, student = self.method, self.student
+        masking = random_masking(imgs.shape[0], student.num_patches, student.mask_ratio, imgs.device)
+        latent = student.forward_encoder(imgs, masking)  # [B, 1+V, D]
+        decoded = student.forward_decoder(latent, masking)  # [B, N, Dd]
+        out: dict[str, torch.Tensor] = {"mask": masking.mask}
+
+        # ---------------------------------------------------------------- teacher targets
+        with torch.no_grad():
+            rec_cls, rec_tokens = (teacher_features(self.rec_teacher["encoder"], imgs, masking,
+                                                    m.teacher_view, m.folds)
+                                   if self.rec_teacher is not None else (None, None))
+            if self.lab_teacher is self.rec_teacher:
+                lab_cls, lab_tokens = rec_cls, rec_tokens
+            elif self.lab_teacher is not None:
+                lab_cls, lab_tokens = teacher_features(self.lab_teacher["encoder"], imgs, masking,
+                                                       m.teacher_view, m.folds)
+
+        # ---------------------------------------------------------------- reconstruction
+        if self.token_target:
+            y = self.token_head(gather_tokens(decoded, masking.ids_masked))  # [B, M, D]
+            loss_rec = token_reconstruction_loss(y, rec_tokens, m.recon_loss)
+        else:
+            pred = student.decoder_pred(decoded)  # [B, N, p*p*C]
+            loss_rec = student.forward_loss(imgs, pred, masking.mask)
+        loss = m.lambda_rec * loss_rec
+        out["loss_rec"] = loss_rec.detach()
+
+        # ---------------------------------------------------------------- pseudo labels
+        temp = teacher_temperature(step, self.total_steps, m.teacher_temp_start, m.teacher_temp,
+                                   m.teacher_temp_warmup)
+        if self.use_cls:
+            with torch.no_grad():
+                q_cls = self.pseudo_labels(self.lab_teacher["head"](lab_cls), self.center_cls, temp)  # [B, K]
+            s_cls = self.label_head(latent[:, 0])  # [B, K]
+            loss_cls = pseudo_label_loss(s_cls, q_cls, m.student_temp)
+            loss = loss + m.lambda_cls * loss_cls
+            out.update(loss_cls=loss_cls.detach(), **self.monitors("cls", q_cls, self.center_cls))
+        if self.use_tok:
+            with torch.no_grad():
+                q_tok = self.pseudo_labels(self.lab_teacher["head"](lab_tokens), self.center_tok, temp)  # [B, M, K]
+            s_tok = self.label_head(y)  # [B, M, K]
+            loss_tok = pseudo_label_loss(s_tok, q_tok, m.student_temp)
+            loss = loss + m.lambda_tok * loss_tok
+            out.update(loss_tok=loss_tok.detach(), **self.monitors("tok", q_tok, self.center_tok))
+
+        out["loss"] = loss
+        out["teacher_temp"] = torch.tensor(temp)
+        for name in self.teacher_set:
+            out[f"momentum_{name}"] = torch.tensor(self.momentum(name, step))
+        return out
+
+    def monitors(self, kind: str, probs: torch.Tensor, center: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Collapse monitors of one kind of pseudo label (all detached scalars).
+
+        entropy: mean per-sample entropy of q (→ 0: confident, → log K: uniform collapse);
+        perplexity: exp(entropy of the batch-mean q), the effective number of clusters in use
+        (→ 1: everything in one cluster).
+        """
+        probs = probs.reshape(-1, probs.shape[-1]).detach()  # [S, K]
+        return {
+            f"{kind}_entropy": entropy(probs).mean(),
+            f"{kind}_perplexity": entropy(probs.mean(0)).exp(),
+            f"{kind}_center_norm": center.norm(),
+        }
+
+    # ------------------------------------------------------------------------ training hooks
+    def after_backward(self, step: int) -> None:
+        """Freeze the prototypes for the first epoch(s) (DINO): drop their gradient."""
+        if self.label_head is not None and step < self.freeze_last_layer_steps:
+            for p in self.label_head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """EMA-update each teacher with its own momentum schedule."""
+        for name, teacher in self.teacher_set.items():
+            parts = {"encoder": self.student.encoder}
+            if "head" in teacher.parts:
+                parts["head"] = self.label_head
+            teacher.update(self.momentum(name, step), **parts)
+
+
+COLLAPSED_PERPLEXITY = 2.0  # fewer clusters than this in use: everything in one cluster
+UNIFORM_ENTROPY_FRACTION = 0.95  # per-sample entropy above this fraction of log K: uniform
+
+
+def collapse_report(terms: dict[str, float], num_prototypes: int) -> dict:
+    """Flags from the last logged monitors: a collapsed run is named, never silent.
+
+    Collapse to one cluster: batch perplexity < 2. Uniform collapse: every pseudo label close to
+    uniform (mean entropy > 95% of log K).
+    """
+    report = {}
+    for kind in ("cls", "tok"):
+        if f"{kind}_perplexity" not in terms:
+            continue
+        perplexity, ent = terms[f"{kind}_perplexity"], terms[f"{kind}_entropy"]
+        report[f"{kind}_perplexity"] = round(perplexity, 2)
+        report[f"{kind}_collapsed"] = bool(
+            perplexity < COLLAPSED_PERPLEXITY
+            or ent > UNIFORM_ENTROPY_FRACTION * math.log(num_prototypes))
+    if report:
+        report["collapsed"] = any(v for k, v in report.items() if k.endswith("_collapsed"))
+    return report
+
+
+def build_pretrain_model(cfg: Config, total_steps: int, steps_per_epoch: int) -> nn.Module:
+    """The pretraining model of `cfg.method`."""
+    if cfg.method.name == "mae":
+        return MaskedAutoencoder(cfg.model, cfg.data)
+    return PEMAE(cfg, total_steps, steps_per_epoch)
