@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pemae import checkpoint
 from pemae.config import Config, ConfigError
-from pemae.data import build_dataset, eval_transform, finetune_transform, num_classes
+from pemae.data import build_dataset, eval_transform, finetune_transform, fixed_subset, num_classes
 from pemae.encoder import build_encoder
 from pemae.optim import layer_decay_param_groups, set_lr
 from pemae.pretrain import peak_lr
@@ -68,11 +68,7 @@ def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
     generator = seed_everything(fc.seed)
 
     train = build_dataset(cfg.data, "train", finetune_transform(cfg.data))
-    if fc.train_subset:
-        if fc.train_subset > len(train):
-            raise ConfigError(f"finetune.train_subset = {fc.train_subset} exceeds the "
-                              f"{len(train)} training images")
-        train = Subset(train, torch.randperm(len(train), generator=generator)[:fc.train_subset].tolist())
+    train = fixed_subset(train, fc.train_subset, "finetune.train_subset")
     test = build_dataset(cfg.data, "test", eval_transform(cfg.data))
     if len(train) < fc.batch_size:
         raise ConfigError(f"finetune.batch_size = {fc.batch_size} exceeds the {len(train)} training images")

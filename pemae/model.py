@@ -143,15 +143,11 @@ class PEMAE(nn.Module):
         out: dict[str, torch.Tensor] = {"mask": masking.mask}
 
         # ---------------------------------------------------------------- teacher targets
-        with torch.no_grad():
-            rec_cls, rec_tokens = (teacher_features(self.rec_teacher["encoder"], imgs, masking,
-                                                    m.teacher_view, m.folds)
-                                   if self.rec_teacher is not None else (None, None))
-            if self.lab_teacher is self.rec_teacher:
-                lab_cls, lab_tokens = rec_cls, rec_tokens
-            elif self.lab_teacher is not None:
-                lab_cls, lab_tokens = teacher_features(self.lab_teacher["encoder"], imgs, masking,
-                                                       m.teacher_view, m.folds)
+        with torch.no_grad():  # one pass per distinct teacher: (CLS [B, D], tokens at M [B, M, D])
+            seen = {name: teacher_features(t["encoder"], imgs, masking, m.teacher_view, m.folds)
+                    for name, t in self.teacher_set.items()}
+        _, rec_tokens = seen.get("shared", seen.get("rec", (None, None)))
+        lab_cls, lab_tokens = seen.get("shared", seen.get("lab", (None, None)))
 
         # ---------------------------------------------------------------- reconstruction
         if self.token_target:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,47 +20,18 @@ from pemae.runtime import MetricLog, autocast, pick_device, seed_everything
 from pemae.schedules import warmup_cosine
 
 
-@dataclass
-class PretrainPaths:
-    """Everything a pretraining run writes, inside one folder."""
-
-    out_dir: Path
-
-    def __post_init__(self):
-        self.out_dir = Path(self.out_dir)
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
-
-    @property
-    def encoder(self) -> Path:
-        return self.out_dir / "encoder.pt"
-
-    @property
-    def config(self) -> Path:
-        return self.out_dir / "config.yaml"
-
-    @property
-    def log(self) -> Path:
-        return self.out_dir / "log.csv"
-
-    @property
-    def summary(self) -> Path:
-        return self.out_dir / "summary.json"
-
-
 def peak_lr(batch_size: int, base_lr: float) -> float:
     """The linear scaling rule of Goyal et al. (2017), as in MAE: lr = base_lr * batch / 256."""
     return base_lr * batch_size / 256
 
 
 def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Pretrain `cfg.method`; write checkpoint, encoder export, config, log and summary.
+    """Pretrain `cfg.method`; write into `out_dir` checkpoint.pt, encoder.pt (the encoder alone,
+    for timm), config.yaml (the resolved config), log.csv (per-step metrics) and summary.json.
 
     Returns the trained model and the summary.
     """
-    paths = PretrainPaths(out_dir)
+    out_dir = Path(out_dir)
     pc = cfg.pretrain
     device = pick_device(pc.device)
     generator = seed_everything(pc.seed)
@@ -74,8 +44,8 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[n
     loader = DataLoader(dataset, batch_size=pc.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers, generator=generator,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
-    paths.out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(paths.config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out_dir / "config.yaml")
 
     steps_per_epoch = len(loader)
     total_steps = pc.epochs * steps_per_epoch
@@ -87,7 +57,7 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[n
           f"{steps_per_epoch} steps, batch {pc.batch_size}, base lr {pc.base_lr:g} -> lr {lr:g}, "
           f"device {device.type}")
 
-    log = MetricLog(paths.log)
+    log = MetricLog(out_dir / "log.csv")
     step, seen, start = 0, 0, time.perf_counter()
     bar = tqdm(total=total_steps, disable=not progress, desc=f"pretrain {cfg.method.name}")
     model.train()
@@ -111,16 +81,16 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[n
     checkpoint.save_atomic(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
          "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict()},
-        paths.checkpoint,
+        out_dir / "checkpoint.pt",
     )
-    checkpoint.export_encoder(model.encoder, cfg, paths.encoder)
+    checkpoint.export_encoder(model.encoder, cfg, out_dir / "encoder.pt")
     summary = {"steps": step, "images_seen": seen, "seconds": round(elapsed, 1),
                "images_per_s": round(seen / elapsed, 1) if step else 0.0,
                "final_loss": terms["loss"] if step else None,
                **(collapse_report(terms, cfg.method.num_prototypes) if step else {})}
     if summary.get("collapsed"):
         print(f"WARNING: the pseudo labels of this run collapsed: {summary}")
-    paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return model, summary
 
 
@@ -144,7 +114,7 @@ def load_pretrained(path: str | Path) -> tuple[nn.Module, Config]:
     """Rebuild a pretraining model (student, heads, teachers) from its checkpoint, in eval mode."""
     state = checkpoint.load(path)
     cfg = build_config("default", state["config"])
-    # the schedule lengths only matter for training; checkpoints from before they were saved lack them
+    # the schedule lengths only shape training: absent, any value rebuilds the same modules
     model = build_pretrain_model(cfg, state.get("total_steps", state["step"]),
                                  state.get("steps_per_epoch", 1))
     model.load_state_dict(state["model"])
