@@ -3,6 +3,7 @@
 #   make test    set up, then run the unit tests and the notebooks (nbval)
 VENV ?= .venv
 BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)  # the stages call papermill from the environment
 
 .PHONY: setup repro test
 setup:
