@@ -188,7 +188,7 @@ def _grid_axes(imgs_px: torch.Tensor, columns: dict) -> tuple[plt.Figure, np.nda
         if values.shape[0] != imgs_px.shape[0]:
             raise ValueError(f"{name}: {values.shape[0]} maps for {imgs_px.shape[0]} images")
     rows, cols = imgs_px.shape[0], 1 + len(columns)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 1.7), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 1.9), squeeze=False)
     for i in range(rows):
         axes[i, 0].imshow(_to_rgb(imgs_px[i]))
         for ax in axes[i]:
@@ -245,6 +245,6 @@ def label_map_figure(imgs_px: torch.Tensor, maps: dict[str, torch.Tensor]) -> pl
             colours = palette[pixels.round().long().numpy() % len(palette)]  # [H, W, 3]
             blended = (1 - OVERLAY_ALPHA) * _to_rgb(imgs_px[i]) + OVERLAY_ALPHA * colours  # [H, W, 3]
             axes[i, j].imshow(blended)
-            axes[i, j].set_title(f"{name}: {len(np.unique(ids))} clusters", fontsize=8)
+            axes[i, j].set_title(f"{name}:\n{len(np.unique(ids))} clusters", fontsize=7)
     fig.tight_layout()
     return fig

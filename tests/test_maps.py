@@ -178,7 +178,7 @@ def test_label_map_titles_count_clusters():
     px = torch.rand(1, 3, 28, 28)  # [1, 3, H, W]
     labels = torch.tensor([[5] * 20 + [3] * 29])  # [1, N]
     fig = maps.label_map_figure(px, {"A": labels})
-    assert fig.axes[1].get_title() == "A: 2 clusters"
+    assert fig.axes[1].get_title() == "A:\n2 clusters"
     plt.close(fig)
 
 
