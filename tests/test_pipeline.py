@@ -74,5 +74,6 @@ def test_exp_run_reruns_only_what_depends_on_the_changed_knob(repo):
     assert stages_run(out) == {f"finetune@{r}" for r in runs} | {"figures"}
     out = run(["dvc", "exp", "run", "-S", "evaluation.knn_k=5"], repo)
     assert stages_run(out) == {f"evaluate@{r}" for r in runs} | {"figures"}
-    out = run(["dvc", "exp", "run", "-S", "runs.pemae.method.lambda_cls=0.5"], repo)
+    # a key the run does not set yet is added with a leading `+` (DVC's override syntax)
+    out = run(["dvc", "exp", "run", "-S", "+runs.pemae.method.lambda_cls=0.5"], repo)
     assert stages_run(out) == {"pretrain@pemae", "evaluate@pemae", "finetune@pemae", "figures"}
