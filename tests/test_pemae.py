@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import needs_fashion_mnist, run_pretrain, tiny_config
-from pemae.config import ConfigError
+from pemae.config import ConfigError, build_config
 from pemae.encoder import build_encoder, encode_patches, gather_tokens
 from pemae.heads import LabellingHead
 from pemae.losses import centered_probs, pseudo_label_loss, sinkhorn_knopp, update_center
@@ -749,3 +749,15 @@ def test_pemae_state_dict_round_trips_teachers_and_centres():
         assert torch.equal(a, b), n
     assert any(k.startswith("teacher_set.lab.parts.head.") for k in model.state_dict())
     assert "center_cls" in model.state_dict() and "center_tok" in model.state_dict()
+
+
+def test_mae_loss_is_unchanged_since_before_the_pemae_method():
+    """Regression anchor: the tiny MAE's loss on a fixed input, as computed by the MAE code before
+    the PEMAE method was added (commit 8349167, same seeds, torch 2.14.1 on CPU)."""
+    cfg = build_config("tiny")
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(cfg.model, cfg.data)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    loss = model(x)["loss"].item()
+    assert loss == pytest.approx(2.2785305976867676, rel=1e-5)
