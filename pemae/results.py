@@ -45,7 +45,7 @@ def gather(results_dir: str | Path, runs: list[str]) -> list[dict]:
         pre = _read_json(paths.pretrain / "summary.json")
         row = {"run": run, **_read_json(paths.evaluation),
                **_read_json(paths.finetune / "summary.json")}
-        row["pretrain_images_per_s"] = pre.get("images_per_s")
+        row["pretrain_images_per_s"] = pre.get("images_per_s") or None  # None: no pretraining
         row["pretrain_final_loss"] = pre.get("final_loss")
         row["collapsed"] = pre.get("collapsed")  # None for runs without pseudo labels
         rows.append(row)
