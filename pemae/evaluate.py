@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from pemae import checkpoint
 from pemae.config import Config, EvalConfig
 from pemae.data import build_dataset, eval_transform
+from pemae.optim import set_lr
 from pemae.runtime import pick_device, seed_everything
 from pemae.schedules import warmup_cosine
 
@@ -73,8 +74,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
         order = torch.randperm(len(train_x), generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            for group in opt.param_groups:
-                group["lr"] = warmup_cosine(step, total, cfg.linear_lr, 0.0, 0)
+            set_lr(opt, warmup_cosine(step, total, cfg.linear_lr, 0.0, 0))
             loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
