@@ -68,6 +68,7 @@ class DataConfig:
     crop_min_scale: float = knob(0.2, HALF_OPEN_UNIT)  # MAE's RandomResizedCrop(scale=(0.2, 1))
     hflip: bool = True
     num_workers: int = knob(0, NON_NEGATIVE)
+    skip_bad: bool = False  # an unreadable image: false = stop with its path; true = skip, count
 
 
 @dataclass
@@ -120,7 +121,8 @@ class MethodConfig:
 @dataclass
 class PretrainConfig:
     epochs: int = knob(2, NON_NEGATIVE)  # 0 = no training: the randomly initialised baseline
-    batch_size: int = knob(256, POSITIVE)
+    batch_size: int = knob(256, POSITIVE)  # the global batch: all processes x accum_steps
+    accum_steps: int = knob(1, POSITIVE)  # micro-batches per step: batch_size / (world x accum) each
     base_lr: float = knob(1.5e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
     min_lr: float = knob(0.0, NON_NEGATIVE)
     warmup_epochs: float = knob(0.3, NON_NEGATIVE)
@@ -128,7 +130,10 @@ class PretrainConfig:
     betas: list[float] = knob([0.9, 0.95])
     seed: int = 0
     device: str = knob("auto", one_of("auto", "cpu", "cuda"))
+    amp: str = knob("auto", one_of("auto", "off", "bf16", "fp16"))  # auto: bf16 on CUDA, off on CPU
     log_every: int = knob(10, POSITIVE)  # steps between logged rows
+    checkpoint_every: int = knob(100, NON_NEGATIVE)  # steps between `last.pt` saves; 0 = end only
+    resume: bool = True  # continue from `last.pt` of an interrupted run with the same config
 
 
 @dataclass
@@ -274,6 +279,9 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         errors.append("method: lambda_rec, lambda_cls and lambda_tok are all 0: nothing to learn")
     if d.dataset == "imagefolder" and not d.root:
         errors.append("data.root: required for dataset 'imagefolder' (a folder with train/ and val/)")
+    if cfg.pretrain.batch_size % cfg.pretrain.accum_steps:
+        errors.append(f"pretrain.accum_steps = {cfg.pretrain.accum_steps} does not divide "
+                      f"pretrain.batch_size = {cfg.pretrain.batch_size}")
     for section in ("pretrain", "finetune"):
         sec = getattr(cfg, section)
         if sec.min_lr > sec.base_lr * sec.batch_size / 256 and sec.epochs > 0:
@@ -311,6 +319,27 @@ def build_config(
     return cfg
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(old: dict, new: dict, sections: tuple[str, ...] = SECTIONS,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys of `sections` whose values differ, as "key: old -> new" lines."""
+    a = flatten({k: old.get(k, {}) for k in sections})
+    b = flatten({k: new.get(k, {}) for k in sections})
+    absent = "<absent>"
+    return [f"{k}: {a.get(k, absent)!r} -> {b.get(k, absent)!r}"
+            for k in sorted(a.keys() | b.keys()) if k not in ignore and a.get(k) != b.get(k)]
+
+
 def config_for_run(preset: str, sections: dict, runs: dict | None, run: str | None) -> Config:
     """The config of one named run: `runs[run]` holds that run's overrides (params.yaml `runs:`).
 
@@ -321,8 +350,10 @@ def config_for_run(preset: str, sections: dict, runs: dict | None, run: str | No
     return build_config(preset, sections, (runs or {}).get(run) if run else None)
 
 
-def load_params(path: str | Path = "params.yaml", run: str | None = None) -> Config:
-    """Resolve the config of one run from a DVC params file (preset, sections, `runs`)."""
+def load_params(path: str | Path = "params.yaml", run: str | None = None,
+                overrides: dict | None = None) -> Config:
+    """Resolve the config of one run from a DVC params file (preset, sections, `runs`), with
+    `overrides` (nested sections) on top of the run's own."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist")
@@ -332,4 +363,8 @@ def load_params(path: str | Path = "params.yaml", run: str | None = None) -> Con
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)} "
                           f"(known: preset, runs, {', '.join(SECTIONS)})")
     sections = {k: params.get(k) for k in SECTIONS}
-    return config_for_run(params.get("preset", "default"), sections, params.get("runs") or {}, run)
+    runs = params.get("runs") or {}
+    if run is not None and run not in runs:
+        raise ConfigError(f"run {run!r} is not defined under `runs:` in {path} (known: {', '.join(runs)})")
+    run_overrides = deep_merge((runs.get(run) if run else None) or {}, overrides)
+    return build_config(params.get("preset", "default"), sections, run_overrides)

@@ -182,12 +182,12 @@ def _sync(device: torch.device) -> None:
 
 
 def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
-                device: torch.device, first_step: int, count: int) -> float:
+                device: torch.device, first_step: int, count: int, amp: str = "auto") -> float:
     """Seconds per step over `count` consecutive training steps (synchronised at both ends only)."""
     _sync(device)
     start = time.perf_counter()
     for i in range(count):
-        train_step(model, optimizer, imgs, device, first_step + i)
+        train_step(model, optimizer, imgs, device, first_step + i, amp)
     _sync(device)
     return (time.perf_counter() - start) / count
 

@@ -14,6 +14,8 @@ Datasets (`cfg.dataset`):
   `cfg.download`. Images stay in memory as one uint8 tensor.
 - `cifar10`: torchvision's `CIFAR10` (`<root>/cifar-10-batches-py/`).
 - `imagefolder`: the ImageNet layout `<root>/train/<class>/*` and `<root>/val/<class>/*`.
+  An unreadable image raises `BadImageError` naming it; with `cfg.skip_bad` the next readable
+  image stands in for it and `skipped_images(dataset)` counts the skips.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import gzip
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
@@ -382,10 +386,67 @@ def cifar10(cfg: DataConfig, split: str, transform: Callable | None) -> Dataset:
         ) from exc
 
 
-def image_folder(cfg: DataConfig, split: str, transform: Callable | None) -> Dataset:
-    """An ImageNet-layout folder: `root/train/<class>/*` and `root/val/<class>/*` ("test" = val)."""
-    from torchvision.datasets import ImageFolder
+class BadImageError(OSError):
+    """An image file that cannot be opened or decoded; the message names the file."""
 
+
+# What PIL raises for unreadable files: UnidentifiedImageError and "image file is truncated"
+# are OSErrors; some decoders raise SyntaxError, ValueError, EOFError or struct.error.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+class CheckedImageFolder(ImageFolder):
+    """`ImageFolder` whose unreadable images raise `BadImageError`, or with `skip_bad` are
+    replaced by the next readable one (index + 1, + 2, ... modulo len) and counted.
+
+    The count lives in a shared-memory tensor, so skips in DataLoader workers show in the main
+    process (concurrent increments from several workers may rarely lose one).
+    """
+
+    def __init__(self, root: str, transform: Callable | None, loader: Callable[[str], Any],
+                 skip_bad: bool = False):
+        super().__init__(root, transform=transform, loader=loader)
+        self.skip_bad = skip_bad
+        self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # [] images skipped
+        self._warned: set[str] = set()  # files already reported by this process
+
+    def load(self, path: str) -> Any:
+        """The loader's image for `path`; `BadImageError` when the file cannot be read."""
+        try:
+            return self.loader(path)
+        except _DECODE_ERRORS as exc:
+            raise BadImageError(
+                f"cannot read image {path}: {type(exc).__name__}: {exc} "
+                "(set data.skip_bad: true to skip such files instead)"
+            ) from exc
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        for step in range(n):
+            path, target = self.samples[(index + step) % n]
+            try:
+                sample = self.load(path)
+            except BadImageError as exc:
+                if not self.skip_bad:
+                    raise
+                self.skipped += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    cause = exc.__cause__
+                    print(f"pemae: skipping unreadable image {path} ({type(cause).__name__}: {cause})",
+                          file=sys.stderr)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            return sample, target
+        raise BadImageError(f"imagefolder {self.root}: none of its {n} images can be read "
+                            "(data.skip_bad: true skipped them all)")
+
+
+def image_folder(cfg: DataConfig, split: str, transform: Callable | None) -> CheckedImageFolder:
+    """An ImageNet-layout folder: `root/train/<class>/*` and `root/val/<class>/*` ("test" = val)."""
     if not cfg.root:
         raise ConfigError("data.root: required for dataset 'imagefolder' (a folder with train/ and val/)")
     folder = Path(cfg.root).expanduser() / ("train" if split == "train" else "val")
@@ -395,7 +456,7 @@ def image_folder(cfg: DataConfig, split: str, transform: Callable | None) -> Dat
             "layout <root>/train/<class>/<image> and <root>/val/<class>/<image>"
         )
     loader = functools.partial(pil_loader, mode=channel_mode(cfg.in_chans))
-    return ImageFolder(str(folder), transform=transform, loader=loader)
+    return CheckedImageFolder(str(folder), transform, loader, skip_bad=cfg.skip_bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,6 +494,16 @@ def build_dataset(cfg: DataConfig, split: str, transform: Callable | None) -> Da
     dataset = _BUILDERS[cfg.dataset](cfg, split, transform)
     n = cfg.train_subset if split == "train" else cfg.test_subset
     return fixed_subset(dataset, n, f"data.{split}_subset")
+
+
+def skipped_images(dataset: Dataset) -> int:
+    """Unreadable images skipped so far (all processes) by a dataset from `build_dataset`, found
+    through `Subset` and other wrappers with a `.dataset`; 0 for datasets that never skip."""
+    while not isinstance(getattr(dataset, "skipped", None), Tensor):
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return 0
+    return int(dataset.skipped)
 
 
 def num_classes(dataset: Dataset) -> int:

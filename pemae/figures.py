@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from pemae.config import DataConfig  # noqa: E402
 from pemae.data import denormalise  # noqa: E402
-from pemae.mae import MaskedAutoencoder, random_masking  # noqa: E402
+from pemae.mae import MaskedAutoencoder, patch_stats, random_masking  # noqa: E402
 from pemae.model import COLLAPSED_PERPLEXITY  # noqa: E402
 from pemae.results import format_cell  # noqa: E402
 from pemae.runtime import read_log  # noqa: E402
@@ -68,13 +68,11 @@ def reconstructions(model: MaskedAutoencoder, imgs: torch.Tensor, seed: int = 0)
     masking = random_masking(imgs.shape[0], model.num_patches, model.mask_ratio)
     torch.random.set_rng_state(gen_state)
     pred = model.decoder_pred(model.forward_decoder(model.forward_encoder(imgs, masking), masking))  # [B, N, p*p*C]
+    patches = model.patchify(imgs)  # [B, N, p*p*C]
     if model.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
-        target = model.patchify(imgs)  # [B, N, p*p*C]
-        mean = target.mean(dim=-1, keepdim=True)  # [B, N, 1]
-        std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5  # [B, N, 1]
+        mean, std = patch_stats(patches)  # [B, N, 1] each
         pred = pred * std + mean  # [B, N, p*p*C]
     mask = masking.mask.unsqueeze(-1)  # [B, N, 1]
-    patches = model.patchify(imgs)  # [B, N, p*p*C]
     masked = model.unpatchify(patches * (1 - mask))  # [B, C, H, W], masked patches zeroed
     pasted = model.unpatchify(patches * (1 - mask) + pred * mask)  # [B, C, H, W]
     return imgs, masked, pasted, mask

@@ -28,16 +28,29 @@ class Masking:
     mask: torch.Tensor  # [B, N] 0 = visible, 1 = masked
 
 
-def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None) -> Masking:
-    """Per-sample random permutation (argsort of uniform noise); keep the first V."""
+def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None,
+                   noise: torch.Tensor | None = None) -> Masking:
+    """Per-sample random permutation (argsort of uniform noise); keep the first V.
+
+    `noise` [B, N] gives the uniform draws (pretraining draws them per image with the image's
+    augmentation, see `pemae.sampling`); None draws them here from the global RNG.
+    """
     num_keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch, num_patches, device=device)  # [B, N]
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=device)  # [B, N]
     ids_shuffle = torch.argsort(noise, dim=1)  # [B, N]
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, N]
     mask = torch.ones(batch, num_patches, device=device)  # [B, N]
     mask[:, :num_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)  # [B, N]
     return Masking(ids_shuffle[:, :num_keep], ids_shuffle[:, num_keep:], ids_restore, mask)
+
+
+def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's mean and std (norm-pix): [B, N, P] -> [B, N, 1], [B, N, 1]."""
+    mean = patches.mean(dim=-1, keepdim=True)  # [B, N, 1]
+    std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5  # [B, N, 1]
+    return mean, std
 
 
 class MaskedAutoencoder(nn.Module):
@@ -126,9 +139,8 @@ class MaskedAutoencoder(nn.Module):
         """Per-patch targets [B, N, p*p*C]: normalised by each patch's mean/var if norm_pix_loss."""
         target = self.patchify(imgs)  # [B, N, p*p*C]
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)  # [B, N, 1]
-            var = target.var(dim=-1, keepdim=True)  # [B, N, 1]
-            target = (target - mean) / (var + 1e-6) ** 0.5  # [B, N, p*p*C]
+            mean, std = patch_stats(target)  # [B, N, 1] each
+            target = (target - mean) / std  # [B, N, p*p*C]
         return target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,9 +149,10 @@ class MaskedAutoencoder(nn.Module):
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, step: int = 0,
+                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One MAE step: returns the loss plus the prediction and mask for figures."""
-        masking = random_masking(imgs.shape[0], self.num_patches, self.mask_ratio, imgs.device)
+        masking = random_masking(imgs.shape[0], self.num_patches, self.mask_ratio, imgs.device, noise)
         latent = self.forward_encoder(imgs, masking)  # [B, 1+V, D]
         pred = self.decoder_pred(self.forward_decoder(latent, masking))  # [B, N, p*p*C]
         loss = self.forward_loss(imgs, pred, masking.mask)

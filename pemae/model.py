@@ -8,7 +8,8 @@ Nandam et al., "Pseudo Labelling for Enhanced Masked Autoencoders", BMVC 2024. O
 3. reconstruction teacher (EMA encoder, full image) -> targets  t = LN(its tokens at M) [B, M, D]
 4. labelling teacher (EMA encoder + head H) -> pseudo labels    q_cls [B, K], q_tok [B, M, K]
 5. loss = λ_rec·|y - t|² + λ_cls·CE(q_cls, H(z_cls)) + λ_tok·CE(q_tok, H(y))
-6. after the optimiser step, each teacher follows the student by EMA with its own momentum.
+6. after the optimiser step, each teacher follows the student by EMA with its own momentum, and
+   the centres move towards the mean teacher logits of the step (all micro-batches, all processes).
 
 `teachers: single` uses one EMA teacher (one forward pass) for both targets and pseudo labels.
 """
@@ -66,6 +67,8 @@ class PEMAE(nn.Module):
         self.freeze_last_layer_steps = round(m.freeze_last_layer_epochs * steps_per_epoch)
         self.student = MaskedAutoencoder(cfg.model, cfg.data)
         self.token_target = m.recon_target == "token"
+        if self.token_target:  # the pixel head is never used: frozen, so DDP sees no unused weight
+            self.student.decoder_pred.requires_grad_(False)
         self.use_cls = m.lambda_cls > 0
         self.use_tok = m.lambda_tok > 0
 
@@ -91,6 +94,8 @@ class PEMAE(nn.Module):
                 self.teacher_set["lab"] = EMATeacher(encoder=encoder, **head)
         self.register_buffer("center_cls", torch.zeros(1, m.num_prototypes))
         self.register_buffer("center_tok", torch.zeros(1, m.num_prototypes))
+        # mean teacher logits of each micro-batch of the current step, consumed by `after_step`
+        self._step_logit_means: dict[str, list[torch.Tensor]] = {"cls": [], "tok": []}
 
     # ------------------------------------------------------------------------ helpers
     @property
@@ -98,11 +103,13 @@ class PEMAE(nn.Module):
         """The student encoder (what is exported and evaluated)."""
         return self.student.encoder
 
-    def _teacher(self, name: str) -> EMATeacher | None:
-        for key in ("shared", name):
-            if key in self.teacher_set:
-                return self.teacher_set[key]
-        return None
+    def _teacher_key(self, role: str) -> str | None:
+        """Which teacher plays `role` ("rec" or "lab"): the shared one, else its own, else none."""
+        return next((key for key in ("shared", role) if key in self.teacher_set), None)
+
+    def _teacher(self, role: str) -> EMATeacher | None:
+        key = self._teacher_key(role)
+        return None if key is None else self.teacher_set[key]
 
     @property
     def rec_teacher(self) -> EMATeacher | None:
@@ -123,21 +130,27 @@ class PEMAE(nn.Module):
     def momentum(self, name: str, step: int) -> float:
         return ema_momentum(step, self.total_steps, getattr(self.method, self.momentum_knob(name)))
 
-    def pseudo_labels(self, teacher_logits: torch.Tensor, center: torch.Tensor,
-                      temp: float) -> torch.Tensor:
-        """Teacher probabilities [..., K]: centred softmax (centre then updated) or Sinkhorn-Knopp."""
+    def pseudo_labels(self, teacher_logits: torch.Tensor, kind: str, temp: float) -> torch.Tensor:
+        """Teacher probabilities [..., K] for `kind` ("cls" or "tok"): centred softmax or Sinkhorn-Knopp.
+
+        In training the batch's mean logits are kept for the centre update after the step, so every
+        micro-batch of a step is centred alike (accumulation = one big batch).
+        """
         m = self.method
         if m.balancing == "sinkhorn":
             return sinkhorn_knopp(teacher_logits, temp, m.sinkhorn_iterations)
-        probs = centered_probs(teacher_logits, center, temp)
+        probs = centered_probs(teacher_logits, getattr(self, f"center_{kind}"), temp)
         if self.training:
-            update_center(center, teacher_logits, m.center_momentum)
+            k = teacher_logits.shape[-1]
+            self._step_logit_means[kind].append(teacher_logits.float().reshape(-1, k).mean(0))  # [K]
         return probs
 
     # ------------------------------------------------------------------------ one step
-    def forward(self, imgs: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, step: int = 0,
+                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         m, student = self.method, self.student
-        masking = random_masking(imgs.shape[0], student.num_patches, student.mask_ratio, imgs.device)
+        masking = random_masking(imgs.shape[0], student.num_patches, student.mask_ratio, imgs.device,
+                                 noise)
         latent = student.forward_encoder(imgs, masking)  # [B, 1+V, D]
         decoded = student.forward_decoder(latent, masking)  # [B, N, Dd]
         out: dict[str, torch.Tensor] = {"mask": masking.mask}
@@ -146,8 +159,8 @@ class PEMAE(nn.Module):
         with torch.no_grad():  # one pass per distinct teacher: (CLS [B, D], tokens at M [B, M, D])
             seen = {name: teacher_features(t["encoder"], imgs, masking, m.teacher_view, m.folds)
                     for name, t in self.teacher_set.items()}
-        _, rec_tokens = seen.get("shared", seen.get("rec", (None, None)))
-        lab_cls, lab_tokens = seen.get("shared", seen.get("lab", (None, None)))
+        _, rec_tokens = seen.get(self._teacher_key("rec"), (None, None))
+        lab_cls, lab_tokens = seen.get(self._teacher_key("lab"), (None, None))
 
         # ---------------------------------------------------------------- reconstruction
         if self.token_target:
@@ -164,14 +177,14 @@ class PEMAE(nn.Module):
                                    m.teacher_temp_warmup)
         if self.use_cls:
             with torch.no_grad():
-                q_cls = self.pseudo_labels(self.lab_teacher["head"](lab_cls), self.center_cls, temp)  # [B, K]
+                q_cls = self.pseudo_labels(self.lab_teacher["head"](lab_cls), "cls", temp)  # [B, K]
             s_cls = self.label_head(latent[:, 0])  # [B, K]
             loss_cls = pseudo_label_loss(s_cls, q_cls, m.student_temp)
             loss = loss + m.lambda_cls * loss_cls
             out.update(loss_cls=loss_cls.detach(), **self.monitors("cls", q_cls, self.center_cls))
         if self.use_tok:
             with torch.no_grad():
-                q_tok = self.pseudo_labels(self.lab_teacher["head"](lab_tokens), self.center_tok, temp)  # [B, M, K]
+                q_tok = self.pseudo_labels(self.lab_teacher["head"](lab_tokens), "tok", temp)  # [B, M, K]
             s_tok = self.label_head(y)  # [B, M, K]
             loss_tok = pseudo_label_loss(s_tok, q_tok, m.student_temp)
             loss = loss + m.lambda_tok * loss_tok
@@ -206,12 +219,16 @@ class PEMAE(nn.Module):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """EMA-update each teacher with its own momentum schedule."""
+        """EMA-update each teacher with its own momentum schedule; move the centres."""
         for name, teacher in self.teacher_set.items():
             parts = {"encoder": self.student.encoder}
             if "head" in teacher.parts:
                 parts["head"] = self.label_head
             teacher.update(self.momentum(name, step), **parts)
+        for kind, means in self._step_logit_means.items():
+            if means:  # equal-sized micro-batches: the mean of their means is the step's mean
+                update_center(getattr(self, f"center_{kind}"), torch.stack(means), self.method.center_momentum)
+                means.clear()
 
 
 COLLAPSED_PERPLEXITY = 2.0  # fewer clusters than this in use: everything in one cluster

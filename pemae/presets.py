@@ -22,9 +22,10 @@ PAPER = {
     "model": {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12,
               "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16},
     "method": {"num_prototypes": 8192, "head_hidden_dim": 2048, "head_bottleneck_dim": 256,
-               "momentum_rec": 0.996, "freeze_last_layer_epochs": 1.0},
-    "pretrain": {"epochs": 800, "batch_size": 4096, "base_lr": 1.5e-4, "warmup_epochs": 40,
-                 "log_every": 50},
+               "freeze_last_layer_epochs": 1.0},
+    # batch 4096 = 8 GPUs x 128 images x 4 accumulation steps (other GPU counts: see the README)
+    "pretrain": {"epochs": 800, "batch_size": 4096, "accum_steps": 4, "base_lr": 1.5e-4,
+                 "warmup_epochs": 40, "log_every": 50, "checkpoint_every": 1000},
     "finetune": {"epochs": 100, "batch_size": 1024, "base_lr": 5e-4, "warmup_epochs": 5,
                  "layer_decay": 0.65, "drop_path": 0.1, "train_subset": 0},
     "evaluation": {"batch_size": 1024, "linear_epochs": 90, "linear_lr": 1e-3,

@@ -1,9 +1,22 @@
-"""Self-supervised pretraining: one loop for every method, one process, CPU or CUDA."""
+"""Self-supervised pretraining: one loop for every method, on CPU or CUDA, in one process or
+many (DDP under `torchrun`), with gradient accumulation and exact resume.
+
+Files written into `out_dir` (rank 0 only):
+  last.pt        the full training state, every `pretrain.checkpoint_every` steps while the run is
+                 unfinished; a restarted run with the same config continues from it
+  checkpoint.pt  the same state at the end (last.pt renamed once everything else is written)
+  encoder.pt     the student encoder alone, for timm
+  config.yaml    the resolved config
+  log.csv        per-step metrics (loss terms, lr, images/s, peak memory); continued on resume
+  summary.json   the run's totals and collapse flags
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -11,13 +24,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pemae import checkpoint
-from pemae.config import Config, ConfigError, build_config
-from pemae.data import build_dataset, pretrain_transform
+from pemae import checkpoint, distributed
+from pemae.config import Config, ConfigError, build_config, config_differences
+from pemae.data import build_dataset, pretrain_transform, skipped_images
 from pemae.model import build_pretrain_model, collapse_report
 from pemae.optim import param_groups, set_lr
-from pemae.runtime import MetricLog, autocast, pick_device, seed_everything
+from pemae.runtime import (MetricLog, amp_dtype, autocast, peak_memory_mb, read_log, rng_state,
+                           seed_everything, set_rng_state)
+from pemae.sampling import GlobalBatchSampler, SeededViews
 from pemae.schedules import warmup_cosine
+
+# Keys that may change when an interrupted run is resumed: where and how fast it runs, not what
+# it computes (the batches do not depend on processes, accumulation or workers: pemae.sampling).
+RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
+                  "pretrain.device", "pretrain.amp", "pretrain.accum_steps", "pretrain.log_every",
+                  "pretrain.checkpoint_every", "pretrain.resume")
+PRETRAIN_SECTIONS = ("data", "model", "method", "pretrain")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the loss terms."""
 
 
 def peak_lr(batch_size: int, base_lr: float) -> float:
@@ -25,89 +51,264 @@ def peak_lr(batch_size: int, base_lr: float) -> float:
     return base_lr * batch_size / 256
 
 
-def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Pretrain `cfg.method`; write into `out_dir` checkpoint.pt, encoder.pt (the encoder alone,
-    for timm), config.yaml (the resolved config), log.csv (per-step metrics) and summary.json.
+def micro_batch_size(batch_size: int, accum_steps: int, world_size: int) -> int:
+    """Images per process per forward pass; the global batch must split evenly."""
+    parts = accum_steps * world_size
+    if batch_size % parts:
+        raise ConfigError(f"pretrain.batch_size = {batch_size} does not split into {world_size} "
+                          f"process(es) x pretrain.accum_steps = {accum_steps} equal micro-batches")
+    return batch_size // parts
 
-    Returns the trained model and the summary.
+
+# --------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------
+def micro_step(net: nn.Module, imgs: torch.Tensor, step: int, device: torch.device, amp: str = "auto",
+               noise: torch.Tensor | None = None, scaler: torch.amp.GradScaler | None = None,
+               loss_weight: float = 1.0, sync: bool = True) -> dict[str, torch.Tensor]:
+    """Forward and backward of one micro-batch; gradients add up until the update.
+
+    `net` may be DDP-wrapped; `sync=False` skips its gradient all-reduce (all but the last
+    micro-batch of a step). Returns the model's scalars (loss terms, monitors), detached.
     """
-    out_dir = Path(out_dir)
-    pc = cfg.pretrain
-    device = pick_device(pc.device)
-    generator = seed_everything(pc.seed)
+    no_sync = getattr(net, "no_sync", None)
+    with no_sync() if (no_sync is not None and not sync) else nullcontext():
+        with autocast(device, amp):
+            out = net(imgs, step, noise=noise)
+        loss = out["loss"].float() * loss_weight
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    return {k: v.detach() for k, v in out.items() if v.ndim == 0}
 
-    dataset = build_dataset(cfg.data, "train", pretrain_transform(cfg.data))
-    if len(dataset) < pc.batch_size:
-        raise ConfigError(
-            f"pretrain.batch_size = {pc.batch_size} exceeds the {len(dataset)} training images"
-        )
-    loader = DataLoader(dataset, batch_size=pc.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, generator=generator,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "config.yaml")
 
-    steps_per_epoch = len(loader)
-    total_steps = pc.epochs * steps_per_epoch
-    model = build_pretrain_model(cfg, total_steps, steps_per_epoch).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
-    lr = peak_lr(pc.batch_size, pc.base_lr)
-    warmup_steps = round(pc.warmup_epochs * steps_per_epoch)
-    print(f"pretraining {cfg.method.name}: {len(dataset)} images, {pc.epochs} epochs x "
-          f"{steps_per_epoch} steps, batch {pc.batch_size}, base lr {pc.base_lr:g} -> lr {lr:g}, "
-          f"device {device.type}")
-
-    log = MetricLog(out_dir / "log.csv")
-    step, seen, start = 0, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, disable=not progress, desc=f"pretrain {cfg.method.name}")
-    model.train()
-    for epoch in range(pc.epochs):
-        for imgs, _ in loader:
-            set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
-            terms = train_step(model, optimizer, imgs.to(device, non_blocking=True), device, step)
-            step += 1
-            seen += imgs.shape[0]
-            bar.update()
-            if step % pc.log_every == 0 or step == total_steps:
-                terms = {k: v.item() for k, v in terms.items()}  # the only host sync
-                rate = seen / (time.perf_counter() - start)
-                log.append(step=step, epoch=step / steps_per_epoch,
-                           lr=optimizer.param_groups[0]["lr"], images_per_s=rate, **terms)
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", img_s=f"{rate:.0f}")
-    bar.close()
-    log.close()
-    elapsed = time.perf_counter() - start
-
-    checkpoint.save_atomic(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-         "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict()},
-        out_dir / "checkpoint.pt",
-    )
-    checkpoint.export_encoder(model.encoder, cfg, out_dir / "encoder.pt")
-    summary = {"steps": step, "images_seen": seen, "seconds": round(elapsed, 1),
-               "images_per_s": round(seen / elapsed, 1) if step else 0.0,
-               "final_loss": terms["loss"] if step else None,
-               **(collapse_report(terms, cfg.method.num_prototypes) if step else {})}
-    if summary.get("collapsed"):
-        print(f"WARNING: the pseudo labels of this run collapsed: {summary}")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return model, summary
+def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+    """The optimiser step on the summed gradients, between the model's own hooks (teachers)."""
+    model.after_backward(step)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    model.after_step(step)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
-               device: torch.device, step: int) -> dict[str, torch.Tensor]:
-    """Forward, backward, update (student), then the model's own update (teachers).
-
-    Returns every scalar the model reported (loss terms and monitors), detached.
-    """
-    with autocast(device):
-        out = model(imgs, step)
+               device: torch.device, step: int, amp: str = "auto",
+               noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One whole step on one batch in one process: forward, backward, update (student), then
+    the model's own update (teachers, centres). Returns the model's scalars, detached."""
     optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    model.after_backward(step)
-    optimizer.step()
-    model.after_step(step)
-    return {k: v.detach() for k, v in out.items() if v.ndim == 0}
+    terms = micro_step(model, imgs, step, device, amp, noise)
+    apply_update(model, optimizer, step)
+    return terms
+
+
+# --------------------------------------------------------------------------------------------
+# Guarding against a diverged run
+# --------------------------------------------------------------------------------------------
+class FiniteLossGuard:
+    """Holds each step's loss terms (on the device) until `check`: one host sync per check, not
+    per step. Checked before every log row and every checkpoint, so no checkpoint is ever written
+    from a diverged model."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        self.pending.append((step, {k: v for k, v in terms.items() if k.startswith("loss")}))
+
+    def check(self, last_good: str) -> None:
+        """Raise NonFiniteLossError naming the first bad step and its terms (on any process)."""
+        if not self.pending:
+            return
+        finite = torch.stack([torch.isfinite(t["loss"]) for _, t in self.pending])  # [S]
+        if distributed.any_true(~finite.all()):
+            bad = [(s, t) for (s, t), ok in zip(self.pending, finite.tolist()) if not ok]
+            if bad:
+                step, terms = bad[0]
+                values = {k: v.item() for k, v in terms.items()}
+                shown = ", ".join(f"{k} = {v:.4g}" for k, v in values.items())
+                culprits = ", ".join(k for k, v in values.items() if not torch.isfinite(torch.tensor(v)))
+                where = f"step {step}: {shown} (non-finite: {culprits})"
+            else:
+                where = "a step on another process"
+            raise NonFiniteLossError(f"non-finite loss at {where}. Training stopped; {last_good}")
+        self.pending.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, cfg: Config, step: int, total_steps: int,
+                   steps_per_epoch: int, seconds: float) -> dict:
+    """Everything a run needs to continue exactly: tensors and plain values only."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_state(), "step": step,
+            "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "seconds": seconds, "config": cfg.to_dict()}
+
+
+def resume(path: Path, cfg: Config, steps_per_epoch: int, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict:
+    """Load an interrupted run's state from `path` into the model, optimiser, scaler and RNGs.
+
+    The config must match the saved one except for `RESUMABLE_KEYS`; otherwise a ConfigError
+    names every differing key.
+    """
+    state = checkpoint.load(path)
+    differences = config_differences(state["config"], cfg.to_dict(), PRETRAIN_SECTIONS, RESUMABLE_KEYS)
+    if differences:
+        raise ConfigError(
+            f"{path} is an interrupted run with a different config (checkpoint -> now):\n  "
+            + "\n  ".join(differences)
+            + f"\nSet those keys back to resume it, or delete {path} (or set pretrain.resume: "
+              "false) to start afresh.")
+    if state["steps_per_epoch"] != steps_per_epoch:
+        raise ConfigError(f"{path} was written with {state['steps_per_epoch']} steps per epoch, the "
+                          f"data now gives {steps_per_epoch}: the training set changed (data.root?)")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Pretrain `cfg.method` into `out_dir` (see the module docstring for the files).
+
+    One process by default; under `torchrun` one DDP process per device. Returns the trained
+    model and the summary (the summary on rank 0 only; other ranks get {}).
+    """
+    procs, device = distributed.start(cfg.pretrain.device)
+    try:
+        return _pretrain(cfg, Path(out_dir), progress, procs, device)
+    finally:
+        distributed.stop(procs)
+
+
+def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Processes,
+              device: torch.device) -> tuple[nn.Module, dict]:
+    pc, main = cfg.pretrain, procs.is_main
+    micro = micro_batch_size(pc.batch_size, pc.accum_steps, procs.world_size)
+    seed_everything(pc.seed)
+    dataset = build_dataset(cfg.data, "train", pretrain_transform(cfg.data))
+    if len(dataset) < pc.batch_size:
+        raise ConfigError(f"pretrain.batch_size = {pc.batch_size} exceeds the {len(dataset)} training images")
+    steps_per_epoch = len(dataset) // pc.batch_size
+    total_steps = pc.epochs * steps_per_epoch
+
+    model = build_pretrain_model(cfg, total_steps, steps_per_epoch).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=pc.amp == "fp16")
+    last_path, final_path = out_dir / "last.pt", out_dir / "checkpoint.pt"
+    state = resume(last_path, cfg, steps_per_epoch, model, optimizer, scaler) \
+        if pc.resume and last_path.is_file() else {}
+    start_step, seconds_before = state.get("step", 0), state.get("seconds", 0.0)
+    del state
+    last_good = (f"the last good checkpoint, {last_path} (step {start_step}), is untouched"
+                 if start_step else "no checkpoint had been written yet")
+
+    student = getattr(model, "student", model)
+    loader = DataLoader(
+        SeededViews(dataset, pc.seed, student.num_patches),
+        batch_sampler=GlobalBatchSampler(len(dataset), pc.batch_size, total_steps, pc.seed,
+                                         procs.world_size, procs.rank, pc.accum_steps, start_step),
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    net = distributed.wrap(model, procs, device)
+    lr = peak_lr(pc.batch_size, pc.base_lr)
+    warmup_steps = round(pc.warmup_epochs * steps_per_epoch)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
+        precision = amp_dtype(pc.amp, device) or torch.float32
+        print(f"pretraining {cfg.method.name}: {len(dataset)} images, {pc.epochs} epochs x "
+              f"{steps_per_epoch} steps; {procs.world_size} process(es) x {micro} images x "
+              f"{pc.accum_steps} accumulation step(s) = batch {pc.batch_size}; base lr "
+              f"{pc.base_lr:g} -> lr {lr:g}; device {device.type}, {str(precision)[6:]}"
+              + (f"; resuming at step {start_step} from {last_path}" if start_step else ""))
+
+    log = MetricLog(out_dir / "log.csv", keep_until=start_step if start_step else None) if main else None
+    guard = FiniteLossGuard()
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and main),
+               desc=f"pretrain {cfg.method.name}")
+    step, seconds = start_step, seconds_before
+    window_start, window_step = time.perf_counter(), start_step
+    terms: dict[str, torch.Tensor] = {}
+    model.train()
+    for i, (imgs, noise) in enumerate(loader):
+        a = i % pc.accum_steps
+        if a == 0:
+            set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
+            optimizer.zero_grad(set_to_none=True)
+            terms = {}
+        micro_terms = micro_step(net, imgs.to(device, non_blocking=True), step, device, pc.amp,
+                                 noise.to(device, non_blocking=True), scaler,
+                                 loss_weight=1 / pc.accum_steps, sync=a == pc.accum_steps - 1)
+        for k, v in micro_terms.items():  # [] each: the step's mean over its micro-batches
+            terms[k] = terms.get(k, 0.0) + v / pc.accum_steps
+        if a < pc.accum_steps - 1:
+            continue
+        apply_update(model, optimizer, step, scaler)
+        step += 1
+        guard.add(step, terms)
+        bar.update()
+
+        if step % pc.log_every == 0 or step == total_steps:
+            guard.check(last_good)
+            now = time.perf_counter()
+            seconds += now - window_start
+            rate = (step - window_step) * pc.batch_size / (now - window_start)
+            window_start, window_step = now, step
+            row = distributed.mean_over_processes(
+                {**terms, "skipped_images": torch.tensor(float(skipped_images(dataset)))})
+            row["skipped_images"] *= procs.world_size  # a sum over processes
+            if main:
+                log.append(step=step, epoch=step / steps_per_epoch, lr=optimizer.param_groups[0]["lr"],
+                           images_per_s=rate, peak_mem_mb=peak_memory_mb(device), **row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
+        if pc.checkpoint_every and step % pc.checkpoint_every == 0 and step < total_steps:
+            guard.check(last_good)
+            distributed.check_replicas_agree(model)
+            if main:
+                checkpoint.save_atomic(training_state(model, optimizer, scaler, cfg, step, total_steps,
+                                                      steps_per_epoch, seconds), last_path)
+            last_good = f"the last good checkpoint, {last_path} (step {step}), is untouched"
+    bar.close()
+    guard.check(last_good)
+    distributed.check_replicas_agree(model)
+    if not main:
+        return model, {}
+
+    log.close()
+    checkpoint.save_atomic(training_state(model, optimizer, scaler, cfg, step, total_steps,
+                                          steps_per_epoch, seconds), last_path)
+    checkpoint.export_encoder(model.encoder, cfg, out_dir / "encoder.pt")
+    summary = run_summary(out_dir / "log.csv", cfg, step, seconds, device, procs.world_size)
+    if summary.get("collapsed"):
+        print(f"WARNING: the pseudo labels of this run collapsed: {summary}")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(last_path, final_path)  # the run is complete: nothing left to resume
+    return model, summary
+
+
+def run_summary(log_path: Path, cfg: Config, steps: int, seconds: float, device: torch.device,
+                world_size: int) -> dict:
+    """Totals of a finished run, with the last logged row's loss and collapse monitors."""
+    log = read_log(log_path)
+    last = {k: float(v[-1]) for k, v in log.items()} if log else {}
+    images = steps * cfg.pretrain.batch_size
+    return {"steps": steps, "images_seen": images, "seconds": round(seconds, 1),
+            "images_per_s": round(images / seconds, 1) if steps and seconds else 0.0,
+            "peak_memory_mb": round(last.get("peak_mem_mb", peak_memory_mb(device)), 1),
+            "world_size": world_size, "accum_steps": cfg.pretrain.accum_steps,
+            "skipped_images": int(last.get("skipped_images", 0)),
+            "final_loss": last.get("loss"),
+            **(collapse_report(last, cfg.method.num_prototypes) if steps else {})}
 
 
 def load_pretrained(path: str | Path) -> tuple[nn.Module, Config]:

@@ -1,9 +1,11 @@
-"""Run-time set-up shared by every loop: device choice, seeding, a CSV metric log."""
+"""Run-time set-up shared by every loop: device, precision, seeding, RNG state, memory, a CSV log."""
 
 from __future__ import annotations
 
 import csv
+import os
 import random
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +13,34 @@ import torch
 
 from pemae.config import ConfigError
 
+MB = 2**20
+
 
 def pick_device(name: str, key: str = "pretrain.device") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; an unavailable 'cuda' is a config error."""
+    """'auto' -> CUDA when available, else CPU; an unavailable 'cuda' is a config error.
+
+    Under torchrun a CUDA device is the process's own GPU (LOCAL_RANK).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key} = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `pretrain.amp`: auto = bf16 on CUDA, fp32 (None) on CPU."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    """Mixed precision for the forward pass (matmuls in bf16/fp16); losses cast to fp32 themselves."""
+    dtype = amp_dtype(amp, device)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -29,20 +51,63 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 is slower there)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA RNG states, as tensors and plain values (weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned (CUDA states only where the same GPUs exist)."""
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's peak on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class MetricLog:
-    """Append-only CSV of per-step metrics (read by `dvc plots` and the figures notebook)."""
+    """Append-only CSV of per-step metrics (read by `dvc plots` and the figures notebook).
 
-    def __init__(self, path: str | Path):
+    A new log replaces any old file; `keep_until=s` continues a resumed run's log instead: rows up
+    to step s are kept (rows after it were logged past the checkpoint and will be logged again).
+    """
+
+    def __init__(self, path: str | Path, keep_until: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.unlink(missing_ok=True)
         self._writer = None
         self._file = None
+        if keep_until is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                rows = [r for r in reader if r.get("step") and float(r["step"]) <= keep_until]
+                fields = reader.fieldnames
+            if rows:
+                tmp = self.path.with_name(f".{self.path.name}.tmp")  # rewrite atomically
+                with tmp.open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                os.replace(tmp, self.path)
+                self._file = self.path.open("a", newline="")
+                self._writer = csv.DictWriter(self._file, fieldnames=fields)
+                return
+        self.path.unlink(missing_ok=True)
 
     def append(self, **row: float) -> None:
         if self._writer is None:

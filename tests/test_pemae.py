@@ -346,6 +346,7 @@ def test_sinkhorn_is_a_diagonal_scaling_and_shift_invariant():
 def test_model_with_sinkhorn_leaves_the_centres_alone():
     model = build(pemae_cfg(balancing="sinkhorn")).train()
     out = forward_backward(model, images())
+    model.after_step(0)
     assert torch.isfinite(out["loss"])
     assert not model.center_cls.any() and not model.center_tok.any()
 
@@ -374,23 +375,41 @@ def test_centered_probs_are_the_softmax_of_shifted_scaled_logits():
     assert torch.allclose(q, F.softmax((logits - center) / 0.05, dim=-1))
 
 
-def test_centres_move_in_training_and_not_in_eval():
+def test_centres_move_after_a_training_step_and_not_in_eval():
     model = build(pemae_cfg())
     imgs = images()
     model.train()
     with torch.no_grad():
         model(imgs, 0)
+    assert not model.center_cls.any() and not model.center_tok.any()  # not within the step
+    model.after_step(0)
     c_cls, c_tok = model.center_cls.clone(), model.center_tok.clone()
     assert c_cls.any() and c_tok.any()
     assert not torch.equal(c_cls, c_tok)  # separate centres
     with torch.no_grad():
         model(imgs, 1)
+    model.after_step(1)
     assert not torch.equal(model.center_cls, c_cls) and not torch.equal(model.center_tok, c_tok)
     c_cls, c_tok = model.center_cls.clone(), model.center_tok.clone()
     model.eval()
     with torch.no_grad():
         model(imgs, 2)
+    model.after_step(2)
     assert torch.equal(model.center_cls, c_cls) and torch.equal(model.center_tok, c_tok)
+
+
+def test_centre_update_of_two_micro_batches_equals_one_batch_of_both():
+    """Accumulation: the centres after a step of two halves equal those after one whole batch."""
+    imgs, noise = images(), torch.rand(len(images()), 49, generator=torch.Generator().manual_seed(3))
+    whole, halves = build(pemae_cfg()).train(), build(pemae_cfg()).train()
+    with torch.no_grad():
+        whole(imgs, 0, noise=noise)
+        for part, part_noise in zip(imgs.chunk(2), noise.chunk(2)):
+            halves(part, 0, noise=part_noise)
+    whole.after_step(0), halves.after_step(0)
+    assert whole.center_cls.any()
+    assert torch.allclose(whole.center_cls, halves.center_cls, atol=1e-6)
+    assert torch.allclose(whole.center_tok, halves.center_tok, atol=1e-6)
 
 
 def test_centre_update_uses_the_teacher_logits_of_that_step():
@@ -400,6 +419,7 @@ def test_centre_update_uses_the_teacher_logits_of_that_step():
     with torch.no_grad():
         torch.manual_seed(5)
         model(imgs, 0)
+        model.after_step(0)
         torch.manual_seed(5)
         masking = random_masking(imgs.shape[0], model.student.num_patches, model.student.mask_ratio)
         cls, tokens = teacher_features(model.lab_teacher["encoder"], imgs, masking, "full", 1)
@@ -477,6 +497,7 @@ def test_lambda_cls_zero_sends_nothing_through_the_cls_path():
     out = forward_backward(model, images())
     assert "loss_cls" not in out and "loss_tok" in out
     assert torch.allclose(out["loss"], out["loss_rec"] + out["loss_tok"])
+    model.after_step(0)
     assert not model.center_cls.any() and model.center_tok.any()
 
 
@@ -598,7 +619,8 @@ def test_mae_pretraining_is_reproducible(tmp_path):
     assert a.summary["final_loss"] == b.summary["final_loss"]
     la, lb = read_log(a.out_dir / "log.csv"), read_log(b.out_dir / "log.csv")
     assert np.array_equal(la["loss"], lb["loss"])
-    assert set(la) == {"step", "epoch", "lr", "images_per_s", "loss", "loss_rec"}
+    assert set(la) == {"step", "epoch", "lr", "images_per_s", "peak_mem_mb", "skipped_images",
+                       "loss", "loss_rec"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,7 +656,7 @@ def test_every_variant_pretrains_and_logs_its_terms(variant, tmp_path):
     expected |= {f"momentum_{t}" for t in teachers}
     if variant != "mae":
         expected.add("teacher_temp")
-    extra = {"step", "epoch", "lr", "images_per_s"}
+    extra = {"step", "epoch", "lr", "images_per_s", "peak_mem_mb", "skipped_images"}
     assert set(log) == expected | extra
     for col in expected:
         assert np.isfinite(log[col]).all(), col
@@ -642,7 +664,8 @@ def test_every_variant_pretrains_and_logs_its_terms(variant, tmp_path):
         assert (log[f"{k}_entropy"] >= 0).all() and (log[f"{k}_entropy"] <= math.log(64) + 1e-4).all()
         assert ((log[f"{k}_perplexity"] >= 1 - 1e-4) & (log[f"{k}_perplexity"] <= 64 + 1e-3)).all()
         norms = log[f"{k}_center_norm"]
-        assert (norms == 0).all() if variant == "sinkhorn" else (norms > 0).all()
+        # the centre starts at 0 and moves after each step (the monitor shows the one used)
+        assert (norms == 0).all() if variant == "sinkhorn" else (norms[1:] > 0).all()
     for t in teachers:
         mom = log[f"momentum_{t}"]
         knob = "momentum_rec" if t == "rec" or (t == "shared" and "cls" not in kinds and "tok" not in kinds) \

@@ -22,7 +22,7 @@ from pemae.schedules import warmup_cosine
 
 MAE = {"name": "mae"}  # these tests are about the MAE baseline's loop and checkpoints
 
-LOG_COLUMNS = ["step", "epoch", "lr", "images_per_s", "loss", "loss_rec"]
+LOG_COLUMNS = ["step", "epoch", "lr", "images_per_s", "peak_mem_mb", "loss", "loss_rec", "skipped_images"]
 
 
 def read_csv(path):

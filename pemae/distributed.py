@@ -1,0 +1,106 @@
+"""One process by default; PyTorch DDP when launched by `torchrun` (nccl on CUDA, gloo on CPU).
+
+Every collective here is guarded: in a single process the functions are no-ops, so the same
+training loop runs under `python`, a notebook, or `torchrun --nproc_per_node N`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pemae.runtime import pick_device
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    started_here: bool = False  # this code created the process group (and so destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, shows progress bars and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device_name: str) -> tuple[Processes, torch.device]:
+    """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    device = pick_device(device_name)
+    if dist.is_available() and dist.is_initialized():  # the caller set it up
+        return Processes(dist.get_rank(), dist.get_world_size()), device
+    if not launched_by_torchrun():
+        return Processes(), device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), started_here=True), device
+
+
+def stop(procs: Processes) -> None:
+    if procs.started_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, procs: Processes, device: torch.device) -> nn.Module:
+    """DDP over the trainable weights when distributed; the model itself otherwise.
+
+    Every trainable weight takes part in every step (PEMAE freezes what it does not use), so
+    `find_unused_parameters` stays off; the centres are all-reduced by the model, not broadcast.
+    """
+    if not procs.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def any_true(flag: torch.Tensor) -> bool:
+    """Whether `flag` (a bool tensor) is true on any process: one host sync."""
+    flag = flag.to(torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        flag = flag.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalars averaged over processes (one all-reduce), as floats."""
+    stacked = torch.stack([v.float() for v in values.values()])  # [T]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.tolist()))
+
+
+def check_replicas_agree(model: nn.Module) -> None:
+    """Raise if the processes' copies of the model differ (weights, teachers, centres).
+
+    Compares one checksum per tensor across processes (min vs max): a cheap guard run at each
+    checkpoint, which would catch an un-reduced centre or a teacher updated on one rank only.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    names, tensors = zip(*[(n, t) for n, t in model.state_dict().items() if t.is_floating_point()])
+    sums = torch.stack([t.detach().double().sum() for t in tensors])  # [T]
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = [n for n, lo, hi in zip(names, low.tolist(), high.tolist())
+              if abs(hi - lo) > 1e-6 * max(1.0, abs(hi))]
+    if differ:
+        raise RuntimeError(f"the processes' model copies differ in {len(differ)} tensors, "
+                           f"e.g. {', '.join(differ[:5])}")

@@ -1,0 +1,91 @@
+"""Which images each pretraining step sees, and their random crops, flips and masks.
+
+Every random choice about the data is a function of (seed, epoch, image index) alone:
+
+- each epoch visits the images in a permutation seeded by (seed, epoch); step k of the epoch takes
+  the k-th `batch_size` block of it, split into micro-batches over processes and accumulation;
+- each image's augmentation and its masking noise are drawn from a generator seeded by
+  (seed, epoch, index), in whichever DataLoader worker loads it.
+
+So a run's batches do not depend on the number of processes, `accum_steps`, `num_workers`, or on
+being resumed mid-epoch: one process with batch 2B, two with B each, and B with 2 accumulation
+steps see the same images, augmented and masked alike.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def mixed_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (distinct tuples give distinct seeds, in practice)."""
+    h = 0x2545F4914F6CDD1D
+    for p in parts:
+        h = (h ^ (p + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) % 2**63
+    return h
+
+
+class SeededViews(Dataset):
+    """Items keyed by `epoch * len(dataset) + index`: (augmented image, masking noise [N]).
+
+    The wrapped dataset's transform and the noise draw from torch's RNG, seeded per item; the
+    caller's RNG state is left as it was.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_patches: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.num_patches = num_patches
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(key, len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mixed_seed(self.seed, epoch, index))
+            img, _ = self.dataset[index]  # [C, H, W]
+            noise = torch.rand(self.num_patches)  # [N]
+        return img, noise
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This process's micro-batches (lists of `SeededViews` keys) from `start_step` to the end.
+
+    A step's global batch of `batch_size` images is split into `world_size * accum_steps`
+    micro-batches: accumulation step a of rank r gets block `a * world_size + r`.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, total_steps: int, seed: int,
+                 world_size: int = 1, rank: int = 0, accum_steps: int = 1, start_step: int = 0):
+        parts = world_size * accum_steps
+        if batch_size % parts:
+            raise ValueError(f"batch {batch_size} does not split into {parts} equal micro-batches")
+        self.num_images, self.batch_size, self.total_steps = num_images, batch_size, total_steps
+        self.seed, self.world_size, self.rank = seed, world_size, rank
+        self.accum_steps, self.start_step = accum_steps, start_step
+        self.micro_batch = batch_size // parts
+        self.steps_per_epoch = num_images // batch_size  # the last partial batch is dropped
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.accum_steps
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation of image indices visited in `epoch`: [num_images]."""
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, epoch))
+        return torch.randperm(self.num_images, generator=generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, order = None, None
+        for step in range(self.start_step, self.total_steps):
+            e, k = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, order = e, self.epoch_order(e)
+            batch = order[k * self.batch_size:(k + 1) * self.batch_size]  # [batch_size]
+            for a in range(self.accum_steps):
+                block = a * self.world_size + self.rank
+                ids = batch[block * self.micro_batch:(block + 1) * self.micro_batch]  # [micro]
+                yield (ids + epoch * self.num_images).tolist()
