@@ -51,7 +51,7 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                          test_y: torch.Tensor, cfg: EvalConfig) -> float:
+                          test_y: torch.Tensor, cfg: EvalConfig, progress: bool = False) -> float:
     """MAE's linear probe on frozen features: BatchNorm without affine, then a linear layer.
 
     Trained with AdamW and a cosine schedule on the cached features (no augmentation).
@@ -70,7 +70,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     total = cfg.linear_epochs * steps_per_epoch
     step = 0
     probe.train()
-    for _ in range(cfg.linear_epochs):
+    for _ in tqdm(range(cfg.linear_epochs), disable=not progress, desc="linear probe epochs"):
         order = torch.randperm(len(train_x), generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
@@ -100,5 +100,5 @@ def evaluate_encoder(cfg: Config, encoder_path: str | Path, progress: bool = Tru
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     return {
         "knn_top1": round(knn_accuracy(train_x, train_y, test_x, test_y, ec.knn_k, ec.knn_temperature), 2),
-        "linear_top1": round(linear_probe_accuracy(train_x, train_y, test_x, test_y, ec), 2),
+        "linear_top1": round(linear_probe_accuracy(train_x, train_y, test_x, test_y, ec, progress), 2),
     }

@@ -45,8 +45,8 @@ class SeededViews(Dataset):
 
     def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = divmod(key, len(self.dataset))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mixed_seed(self.seed, epoch, index))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only (CUDA's is untouched)
+            torch.random.default_generator.manual_seed(mixed_seed(self.seed, epoch, index))
             img, _ = self.dataset[index]  # [C, H, W]
             noise = torch.rand(self.num_patches)  # [N]
         return img, noise

@@ -4,6 +4,7 @@ on resume, mixed precision and the command line."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -357,3 +358,26 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path):
     for term in ("loss", "loss_rec", "loss_cls", "loss_tok", "lr"):
         assert list(resumed[term]) == list(whole[term]), term
     assert not (killed / "last.pt").exists()
+
+
+@needs_fashion_mnist
+def test_fp16_training_saves_its_grad_scaler(tmp_path):
+    cfg = one_step_config(METHODS["pemae_dual"], amp="fp16", accum_steps=2)
+    _, summary = pretrain(cfg, tmp_path, progress=False)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["scaler"]["scale"] > 0 and math.isfinite(summary["final_loss"])
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_cli_resolves_a_params_run_with_sets_on_top(tmp_path):
+    from pemae.cli import resolve
+
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: tiny\npretrain:\n  epochs: 3\nruns:\n  a:\n    model:\n      depth: 3\n")
+    args = type("Args", (), {"preset": None, "run": "a", "params": params,
+                             "set": ["pretrain.seed=7", "model.mask_ratio=0.5"]})()
+    cfg = resolve(args)
+    assert (cfg.pretrain.epochs, cfg.model.depth, cfg.pretrain.seed, cfg.model.mask_ratio) == (3, 3, 7, 0.5)
+    args.run = "ghost"
+    with pytest.raises(ConfigError, match="ghost"):
+        resolve(args)
