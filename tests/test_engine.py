@@ -306,7 +306,8 @@ def cli_command(out: Path, *sets: str, launcher: list[str] | None = None) -> lis
 
 
 def cli_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """One thread (deterministic, and no contention between processes); gloo over loopback."""
+    return {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def run_cli(out: Path, *sets: str, launcher: list[str] | None = None) -> None:
