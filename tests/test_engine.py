@@ -382,3 +382,23 @@ def test_cli_resolves_a_params_run_with_sets_on_top(tmp_path):
     args.run = "ghost"
     with pytest.raises(ConfigError, match="ghost"):
         resolve(args)
+
+
+def test_guarded_collectives_across_two_processes_match_one_process():
+    """tests/ddp_probe.py under torchrun: process means, the centre update, Sinkhorn-Knopp's
+    balancing over both processes' rows, and the replica check catching a diverged copy."""
+    result = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "tests" / "ddp_probe.py")],
+                            env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for check in ("mean_over_processes", "any_true", "update_center", "sinkhorn_knopp",
+                  "check_replicas_agree"):
+        assert result.stdout.count(f"ok {check}") == 2, (check, result.stdout)
+
+
+@needs_fashion_mnist
+def test_the_run_states_its_processes_batch_split_and_lr(tmp_path, capsys):
+    pretrain(one_step_config(METHODS["mae"], accum_steps=4), tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert ("1 process(es) x 32 images x 4 accumulation step(s) = batch 128; "
+            "base lr 0.0015 -> lr 0.00075; device cpu, float32") in out
