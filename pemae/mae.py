@@ -149,9 +149,10 @@ class MaskedAutoencoder(nn.Module):
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, step: int = 0,
-                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One MAE step: returns the loss plus the prediction and mask for figures."""
+    def forward(self, imgs: torch.Tensor, step: int = 0, noise: torch.Tensor | None = None,
+                monitor: bool = True) -> dict[str, torch.Tensor]:
+        """One MAE step: returns the loss plus the prediction and mask for figures (MAE has no
+        monitors: `monitor` is there for the common signature)."""
         masking = random_masking(imgs.shape[0], self.num_patches, self.mask_ratio, imgs.device, noise)
         latent = self.forward_encoder(imgs, masking)  # [B, 1+V, D]
         pred = self.decoder_pred(self.forward_decoder(latent, masking))  # [B, N, p*p*C]

@@ -146,8 +146,9 @@ class PEMAE(nn.Module):
         return probs
 
     # ------------------------------------------------------------------------ one step
-    def forward(self, imgs: torch.Tensor, step: int = 0,
-                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, step: int = 0, noise: torch.Tensor | None = None,
+                monitor: bool = True) -> dict[str, torch.Tensor]:
+        """One step's losses; `monitor=False` skips the collapse monitors (steps not logged)."""
         m, student = self.method, self.student
         masking = random_masking(imgs.shape[0], student.num_patches, student.mask_ratio, imgs.device,
                                  noise)
@@ -181,14 +182,18 @@ class PEMAE(nn.Module):
             s_cls = self.label_head(latent[:, 0])  # [B, K]
             loss_cls = pseudo_label_loss(s_cls, q_cls, m.student_temp)
             loss = loss + m.lambda_cls * loss_cls
-            out.update(loss_cls=loss_cls.detach(), **self.monitors("cls", q_cls, self.center_cls))
+            out["loss_cls"] = loss_cls.detach()
+            if monitor:
+                out.update(self.monitors("cls", q_cls, self.center_cls))
         if self.use_tok:
             with torch.no_grad():
                 q_tok = self.pseudo_labels(self.lab_teacher["head"](lab_tokens), "tok", temp)  # [B, M, K]
             s_tok = self.label_head(y)  # [B, M, K]
             loss_tok = pseudo_label_loss(s_tok, q_tok, m.student_temp)
             loss = loss + m.lambda_tok * loss_tok
-            out.update(loss_tok=loss_tok.detach(), **self.monitors("tok", q_tok, self.center_tok))
+            out["loss_tok"] = loss_tok.detach()
+            if monitor:
+                out.update(self.monitors("tok", q_tok, self.center_tok))
 
         out["loss"] = loss
         out["teacher_temp"] = torch.tensor(temp)

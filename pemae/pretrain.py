@@ -65,16 +65,17 @@ def micro_batch_size(batch_size: int, accum_steps: int, world_size: int) -> int:
 # --------------------------------------------------------------------------------------------
 def micro_step(net: nn.Module, imgs: torch.Tensor, step: int, device: torch.device, amp: str = "auto",
                noise: torch.Tensor | None = None, scaler: torch.amp.GradScaler | None = None,
-               loss_weight: float = 1.0, sync: bool = True) -> dict[str, torch.Tensor]:
+               loss_weight: float = 1.0, sync: bool = True, monitor: bool = True) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch; gradients add up until the update.
 
     `net` may be DDP-wrapped; `sync=False` skips its gradient all-reduce (all but the last
-    micro-batch of a step). Returns the model's scalars (loss terms, monitors), detached.
+    micro-batch of a step). Returns the model's scalars (loss terms and, with `monitor`, the
+    collapse monitors), detached.
     """
     no_sync = getattr(net, "no_sync", None)
     with no_sync() if (no_sync is not None and not sync) else nullcontext():
         with autocast(device, amp):
-            out = net(imgs, step, noise=noise)
+            out = net(imgs, step, noise=noise, monitor=monitor)
         loss = out["loss"].float() * loss_weight
         (scaler.scale(loss) if scaler is not None else loss).backward()
     return {k: v.detach() for k, v in out.items() if v.ndim == 0}
@@ -246,9 +247,11 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
             set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
             optimizer.zero_grad(set_to_none=True)
             terms = {}
+        logged = (step + 1) % pc.log_every == 0 or step + 1 == total_steps
         micro_terms = micro_step(net, imgs.to(device, non_blocking=True), step, device, pc.amp,
                                  noise.to(device, non_blocking=True), scaler,
-                                 loss_weight=1 / pc.accum_steps, sync=a == pc.accum_steps - 1)
+                                 loss_weight=1 / pc.accum_steps, sync=a == pc.accum_steps - 1,
+                                 monitor=logged)
         for k, v in micro_terms.items():  # [] each: the step's mean over its micro-batches
             terms[k] = terms.get(k, 0.0) + v / pc.accum_steps
         if a < pc.accum_steps - 1:
@@ -258,7 +261,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
         guard.add(step, terms)
         bar.update()
 
-        if step % pc.log_every == 0 or step == total_steps:
+        if logged:
             guard.check(last_good)
             now = time.perf_counter()
             seconds += now - window_start

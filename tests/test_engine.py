@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,8 +220,8 @@ def test_mixed_precision_step_keeps_fp32_weights_and_a_finite_fp32_loss(amp):
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     forward = MaskedAutoencoder.forward
 
-    def poisoned(self, imgs, step=0, noise=None):
-        out = forward(self, imgs, step, noise)
+    def poisoned(self, imgs, step=0, **kwargs):
+        out = forward(self, imgs, step, **kwargs)
         if step == 5:  # the 6th step
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -402,3 +403,14 @@ def test_the_run_states_its_processes_batch_split_and_lr(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("1 process(es) x 32 images x 4 accumulation step(s) = batch 128; "
             "base lr 0.0015 -> lr 0.00075; device cpu, float32") in out
+
+
+@needs_fashion_mnist
+def test_every_logged_row_has_the_collapse_monitors(tmp_path):
+    cfg = tiny_config(method={**METHODS["pemae_dual"], "num_prototypes": 32, "head_hidden_dim": 32,
+                              "head_bottleneck_dim": 16}, pretrain={"log_every": 3})
+    pretrain(cfg, tmp_path, progress=False)
+    log = read_log(tmp_path / "log.csv")
+    assert list(log["step"]) == [3, 6, 8]
+    for column in ("cls_entropy", "cls_perplexity", "tok_entropy", "tok_perplexity"):
+        assert np.isfinite(log[column]).all() and (log[column] > 0).all(), column

@@ -784,3 +784,14 @@ def test_mae_loss_is_unchanged_since_before_the_pemae_method():
     torch.manual_seed(2)
     loss = model(x)["loss"].item()
     assert loss == pytest.approx(2.2785305976867676, rel=1e-5)
+
+
+def test_monitors_are_skipped_on_unlogged_steps_without_changing_the_loss():
+    model, imgs = build(pemae_cfg()).train(), images()
+    noise = torch.rand(len(imgs), 49, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(imgs, 0, noise=noise)
+        lean = model(imgs, 0, noise=noise, monitor=False)
+    assert {"cls_entropy", "tok_perplexity", "cls_center_norm"} <= set(full)
+    assert not any(k.endswith(("entropy", "perplexity", "center_norm")) for k in lean)
+    assert torch.equal(full["loss"], lean["loss"])
