@@ -65,6 +65,11 @@ class DataConfig:
     std: list[float] = knob([])
     train_subset: int = knob(0, NON_NEGATIVE)  # a fixed random subset of N images; 0 = all
     test_subset: int = knob(0, NON_NEGATIVE)
+    # the validation split: this fraction of the (subset of the) training images, drawn once by
+    # split_seed, is held out of every training step (pretraining, fine-tuning, probes) and is
+    # what every choice of knob is made on; the test split is read for the final table only
+    val_fraction: float = knob(0.1, _check(lambda v: 0 <= v < 1, "must lie in [0, 1)"))
+    split_seed: int = knob(0, NON_NEGATIVE)
     crop_min_scale: float = knob(0.2, HALF_OPEN_UNIT)  # MAE's RandomResizedCrop(scale=(0.2, 1))
     hflip: bool = True
     num_workers: int = knob(0, NON_NEGATIVE)
@@ -122,6 +127,7 @@ class MethodConfig:
 class PretrainConfig:
     epochs: int = knob(2, NON_NEGATIVE)  # 0 = no training: the randomly initialised baseline
     batch_size: int = knob(256, POSITIVE)  # the global batch: all processes x accum_steps
+    min_steps_per_epoch: int = knob(20, NON_NEGATIVE)  # small data: halve the batch until met
     accum_steps: int = knob(1, POSITIVE)  # micro-batches per step: batch_size / (world x accum) each
     base_lr: float = knob(1.5e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
     min_lr: float = knob(0.0, NON_NEGATIVE)
@@ -138,17 +144,20 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = knob(2, POSITIVE)
+    """Chosen on the validation split for the default preset (results/search/finetune.jsonl)."""
+
+    epochs: int = knob(1, POSITIVE)
     batch_size: int = knob(128, POSITIVE)
-    base_lr: float = knob(1e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
+    base_lr: float = knob(4e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
     min_lr: float = knob(1e-6, NON_NEGATIVE)
-    warmup_epochs: float = knob(0.5, NON_NEGATIVE)
+    warmup_epochs: float = knob(0.1, NON_NEGATIVE)  # at least 5% of the steps (schedules.py)
     weight_decay: float = knob(0.05, NON_NEGATIVE)
-    layer_decay: float = knob(0.75, HALF_OPEN_UNIT)
+    layer_decay: float = knob(0.75, HALF_OPEN_UNIT)  # 1 = none (training from scratch)
     drop_path: float = knob(0.1, UNIT)
     label_smoothing: float = knob(0.1, UNIT)
     global_pool: str = knob("avg", one_of("avg", "token"))
-    train_subset: int = knob(10000, NON_NEGATIVE)  # labelled images used; 0 = the whole train set
+    crop_min_scale: float = knob(1.0, HALF_OPEN_UNIT)  # RandomResizedCrop(scale=(this, 1))
+    train_subset: int = knob(0, NON_NEGATIVE)  # labelled images used; 0 = the whole train split
     seed: int = 0
 
 
@@ -340,31 +349,50 @@ def config_differences(old: dict, new: dict, sections: tuple[str, ...] = SECTION
             for k in sorted(a.keys() | b.keys()) if k not in ignore and a.get(k) != b.get(k)]
 
 
-def config_for_run(preset: str, sections: dict, runs: dict | None, run: str | None) -> Config:
-    """The config of one named run: `runs[run]` holds that run's overrides (params.yaml `runs:`).
+PIPELINE_KEYS = ("preset", "runs", "seeds", "comparisons", "ablations", "small_data")  # params.yaml's keys besides SECTIONS
+
+
+def with_seed(overrides: dict | None, seed: int | None) -> dict:
+    """`overrides` with `seed` as the seed of pretraining, fine-tuning and the probes (one
+    pipeline seed drives all three); `seed` None leaves them as they are."""
+    if seed is None:
+        return dict(overrides or {})
+    seeds = {section: {"seed": seed} for section in ("pretrain", "finetune", "evaluation")}
+    return deep_merge(overrides or {}, seeds)
+
+
+def config_for_run(preset: str, sections: dict, runs: dict | None, run: str | None,
+                   seed: int | None = None, overrides: dict | None = None,
+                   where: str = "") -> Config:
+    """The config of one named run: `runs[run]` holds that run's overrides (params.yaml `runs:`),
+    then `overrides` (nested sections) on top, then the pipeline `seed`.
 
     With `runs` None (a notebook run on its own) the run has no overrides of its own.
     """
     if runs is not None and run is not None and run not in runs:
-        raise ConfigError(f"run {run!r} is not defined under `runs:` (known: {', '.join(runs)})")
-    return build_config(preset, sections, (runs or {}).get(run) if run else None)
+        raise ConfigError(f"run {run!r} is not defined under `runs:`{where} (known: {', '.join(runs)})")
+    run_overrides = deep_merge((runs or {}).get(run) or {} if run else {}, overrides)
+    return build_config(preset, sections, with_seed(run_overrides, seed))
 
 
-def load_params(path: str | Path = "params.yaml", run: str | None = None,
-                overrides: dict | None = None) -> Config:
-    """Resolve the config of one run from a DVC params file (preset, sections, `runs`), with
-    `overrides` (nested sections) on top of the run's own."""
+def read_params(path: str | Path = "params.yaml") -> dict:
+    """The params file as a dict, its top-level keys checked."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist")
     params = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(params) - set(SECTIONS) - {"preset", "runs"})
+    unknown = sorted(set(params) - set(SECTIONS) - set(PIPELINE_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)} "
-                          f"(known: preset, runs, {', '.join(SECTIONS)})")
+                          f"(known: {', '.join(PIPELINE_KEYS + SECTIONS)})")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml", run: str | None = None,
+                overrides: dict | None = None, seed: int | None = None) -> Config:
+    """Resolve the config of one run from a DVC params file (preset, sections, `runs`), with
+    `overrides` (nested sections) on top of the run's own, and the pipeline `seed`."""
+    params = read_params(path)
     sections = {k: params.get(k) for k in SECTIONS}
-    runs = params.get("runs") or {}
-    if run is not None and run not in runs:
-        raise ConfigError(f"run {run!r} is not defined under `runs:` in {path} (known: {', '.join(runs)})")
-    run_overrides = deep_merge((runs.get(run) if run else None) or {}, overrides)
-    return build_config(params.get("preset", "default"), sections, run_overrides)
+    return config_for_run(params.get("preset", "default"), sections, params.get("runs") or {}, run,
+                          seed, overrides, where=f" in {path}")

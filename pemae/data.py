@@ -58,7 +58,8 @@ FASHION_MNIST_FILES = {  # split -> (images, labels), without the optional ".gz"
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # val: held out of the training images (data.val_fraction)
+SOURCE_SPLITS = ("train", "test")  # the splits the data sets ship with
 SMALL_IMAGE = 64  # eval: images up to this size are resized whole, larger ones centre-cropped
 EVAL_CROP_RATIO = 0.875  # eval: Resize(img_size / 0.875) then CenterCrop(img_size), as in MAE
 
@@ -131,9 +132,10 @@ def pretrain_transform(cfg: DataConfig) -> Callable:
     return v2.Compose(_random_crop_flip(cfg, cfg.crop_min_scale) + _to_normalised_tensor(cfg))
 
 
-def finetune_transform(cfg: DataConfig) -> Callable:
-    """A light fine-tuning augmentation: RandomResizedCrop(scale=(0.08, 1)), flip, normalise."""
-    return v2.Compose(_random_crop_flip(cfg, 0.08) + _to_normalised_tensor(cfg))
+def finetune_transform(cfg: DataConfig, crop_min_scale: float = 0.08) -> Callable:
+    """A light fine-tuning augmentation: RandomResizedCrop(scale=(crop_min_scale, 1)), flip,
+    normalise (0.08 is the Inception / MAE crop; small images keep more: finetune.crop_min_scale)."""
+    return v2.Compose(_random_crop_flip(cfg, crop_min_scale) + _to_normalised_tensor(cfg))
 
 
 def eval_transform(cfg: DataConfig) -> Callable:
@@ -481,19 +483,43 @@ def fixed_subset(dataset: Dataset, n: int, key: str) -> Dataset:
     return Subset(dataset, indices.tolist())
 
 
-def build_dataset(cfg: DataConfig, split: str, transform: Callable | None) -> Dataset:
-    """The `split` ("train" or "test") of `cfg.dataset`; items are (transform(image), int label).
+def train_val_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed split of `n` training items into (train, val) sorted index lists.
 
-    `transform` receives a PIL image in the `in_chans` mode; with `transform=None` the items
-    are those PIL images. `cfg.train_subset` / `cfg.test_subset` pick a fixed random subset.
+    `round(fraction * n)` items (at least one when fraction > 0, at most n - 1) go to val,
+    drawn by `seed` alone, so every run, seed and stage holds out the same images.
+    """
+    n_val = min(max(round(fraction * n), 1 if fraction > 0 else 0), max(n - 1, 0))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # [n]
+    return order[n_val:].sort().values.tolist(), order[:n_val].sort().values.tolist()
+
+
+def build_dataset(cfg: DataConfig, split: str, transform: Callable | None) -> Dataset:
+    """The `split` of `cfg.dataset`; items are (transform(image), int label).
+
+    "train" and "val" divide the data set's training images (after `cfg.train_subset`) by
+    `cfg.val_fraction` and `cfg.split_seed`; "test" is the data set's test split (imagefolder:
+    `val/`), after `cfg.test_subset`. `transform` receives a PIL image in the `in_chans` mode;
+    with `transform=None` the items are those PIL images.
     """
     if split not in SPLITS:
         raise ValueError(f"split = {split!r}: unknown (known: {', '.join(SPLITS)})")
     if cfg.dataset not in _BUILDERS:
         raise ConfigError(f"data.dataset = {cfg.dataset!r}: unknown (known: {', '.join(_BUILDERS)})")
-    dataset = _BUILDERS[cfg.dataset](cfg, split, transform)
-    n = cfg.train_subset if split == "train" else cfg.test_subset
-    return fixed_subset(dataset, n, f"data.{split}_subset")
+    if split == "test":
+        return fixed_subset(_BUILDERS[cfg.dataset](cfg, "test", transform), cfg.test_subset,
+                            "data.test_subset")
+    dataset = fixed_subset(_BUILDERS[cfg.dataset](cfg, "train", transform), cfg.train_subset,
+                           "data.train_subset")
+    if cfg.val_fraction == 0:
+        if split == "val":
+            raise ConfigError("data.val_fraction = 0: there is no validation split")
+        return dataset
+    train, val = train_val_indices(len(dataset), cfg.val_fraction, cfg.split_seed)
+    if not train or not val:
+        raise ConfigError(f"data.val_fraction = {cfg.val_fraction}: cannot split "
+                          f"{len(dataset)} training image(s) into train and val")
+    return Subset(dataset, train if split == "train" else val)
 
 
 def skipped_images(dataset: Dataset) -> int:

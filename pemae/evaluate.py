@@ -1,8 +1,14 @@
-"""Frozen-feature evaluations of a pretrained encoder: k-NN (DINO) and a linear probe (MAE)."""
+"""Frozen-feature evaluations: k-NN (DINO) and a linear probe (MAE), on two readouts of a
+pretrained encoder — the CLS token and the average of the patch tokens — or on raw pixels.
+
+Both are fitted on the training split and scored on the validation split (what choices are made
+on) and on the test split (the final table), each with the same fitted probe.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +24,35 @@ from pemae.runtime import pick_device, seed_everything
 from pemae.schedules import warmup_cosine
 
 
+Featuriser = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def encoder_readouts(encoder: nn.Module) -> Featuriser:
+    """Images [B, C, H, W] -> {"cls": [B, D], "avg": [B, D]}: the CLS token and the mean of the
+    patch tokens, both after the encoder's final norm."""
+    def featurise(imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = encoder.forward_features(imgs)  # [B, 1+N, D]
+        return {"cls": tokens[:, 0], "avg": tokens[:, 1:].mean(1)}  # [B, D] each
+    return featurise
+
+
+def pixel_readout(imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The raw-pixel baseline: the flattened, normalised images {"pixels": [B, C*H*W]}."""
+    return {"pixels": imgs.flatten(1)}  # [B, C*H*W]
+
+
 @torch.no_grad()
-def extract_features(encoder: nn.Module, loader: DataLoader, device: torch.device,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS-token features (after the final norm) and labels of a whole dataset."""
-    encoder.eval().to(device)
-    feats, labels = [], []
-    for imgs, y in tqdm(loader, disable=not progress, desc="features"):
-        tokens = encoder.forward_features(imgs.to(device))  # [B, 1+N, D]
-        feats.append(tokens[:, 0].float().cpu())  # [B, D]
+def extract_features(featurise: Featuriser, loader: DataLoader, device: torch.device,
+                     progress: bool = True, desc: str = "features"
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every readout's features ({name: [N, D]}) and the labels [N] of a whole dataset."""
+    feats: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    for imgs, y in tqdm(loader, disable=not progress, desc=desc):
+        for name, x in featurise(imgs.to(device)).items():
+            feats.setdefault(name, []).append(x.float().cpu())  # [B, D]
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)  # [N, D], [N]
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
 
 @torch.no_grad()
@@ -50,13 +74,10 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return 100.0 * correct / len(test_x)
 
 
-def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                          test_y: torch.Tensor, cfg: EvalConfig, progress: bool = False) -> float:
-    """MAE's linear probe on frozen features: BatchNorm without affine, then a linear layer.
-
-    Trained with AdamW and a cosine schedule on the cached features (no augmentation).
-    Returns top-1 test accuracy in %.
-    """
+def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, cfg: EvalConfig,
+                       progress: bool = False) -> nn.Module:
+    """MAE's linear probe on frozen features: BatchNorm without affine, then a linear layer,
+    trained with AdamW and a cosine schedule on the cached features (no augmentation)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     num_classes = int(train_y.max()) + 1
@@ -80,25 +101,54 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
             loss.backward()
             opt.step()
             step += 1
-    probe.eval()
-    with torch.no_grad():
-        pred = probe(test_x).argmax(1)  # [Nte]
-    return 100.0 * (pred == test_y).float().mean().item()
+    return probe.eval()
+
+
+@torch.no_grad()
+def probe_accuracy(probe: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of a trained probe."""
+    return 100.0 * (probe(x).argmax(1) == y).float().mean().item()
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                          test_y: torch.Tensor, cfg: EvalConfig, progress: bool = False) -> float:
+    """Top-1 test accuracy (%) of a linear probe trained on (train_x, train_y)."""
+    return probe_accuracy(train_linear_probe(train_x, train_y, cfg, progress), test_x, test_y)
+
+
+def evaluate_features(cfg: Config, featurise: Featuriser, device: torch.device,
+                      progress: bool = True) -> dict:
+    """k-NN and linear-probe top-1 (%) of every readout of `featurise`, fitted on the training
+    split, scored on val (when data.val_fraction > 0) and test:
+    {"val": {readout: {"knn_top1", "linear_top1"}}, "test": {...}}."""
+    ec = cfg.evaluation
+    seed_everything(ec.seed)
+    splits = ("train", "val", "test") if cfg.data.val_fraction > 0 else ("train", "test")
+    features = {}
+    for split in splits:
+        dataset = build_dataset(cfg.data, split, eval_transform(cfg.data))
+        loader = DataLoader(dataset, batch_size=ec.batch_size, num_workers=cfg.data.num_workers)
+        features[split] = extract_features(featurise, loader, device, progress, f"{split} features")
+    train_feats, train_y = features["train"]
+    scores: dict = {split: {} for split in splits[1:]}
+    for readout, train_x in train_feats.items():
+        probe = train_linear_probe(train_x, train_y, ec, progress)
+        for split in splits[1:]:
+            x, y = features[split][0][readout], features[split][1]
+            scores[split][readout] = {
+                "knn_top1": round(knn_accuracy(train_x, train_y, x, y, ec.knn_k, ec.knn_temperature), 2),
+                "linear_top1": round(probe_accuracy(probe, x, y), 2),
+            }
+    return scores
 
 
 def evaluate_encoder(cfg: Config, encoder_path: str | Path, progress: bool = True) -> dict:
-    """k-NN and linear-probe top-1 (%) of an exported encoder on the config's dataset."""
-    ec = cfg.evaluation
-    seed_everything(ec.seed)
+    """`evaluate_features` on the CLS and average-patch readouts of an exported encoder."""
     device = pick_device(cfg.pretrain.device)
-    encoder = checkpoint.load_encoder(encoder_path)
-    features = {}
-    for split in ("train", "test"):
-        dataset = build_dataset(cfg.data, split, eval_transform(cfg.data))
-        loader = DataLoader(dataset, batch_size=ec.batch_size, num_workers=cfg.data.num_workers)
-        features[split] = extract_features(encoder, loader, device, progress)
-    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
-    return {
-        "knn_top1": round(knn_accuracy(train_x, train_y, test_x, test_y, ec.knn_k, ec.knn_temperature), 2),
-        "linear_top1": round(linear_probe_accuracy(train_x, train_y, test_x, test_y, ec, progress), 2),
-    }
+    encoder = checkpoint.load_encoder(encoder_path).eval().to(device)
+    return evaluate_features(cfg, encoder_readouts(encoder), device, progress)
+
+
+def evaluate_pixels(cfg: Config, progress: bool = True) -> dict:
+    """`evaluate_features` on the raw pixels: the baseline every encoder is read against."""
+    return evaluate_features(cfg, pixel_readout, torch.device("cpu"), progress)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pemae.config import DataConfig  # noqa: E402
 from pemae.data import denormalise  # noqa: E402
 from pemae.mae import MaskedAutoencoder, patch_stats, random_masking  # noqa: E402
-from pemae.model import COLLAPSED_PERPLEXITY  # noqa: E402
-from pemae.results import format_cell  # noqa: E402
+from pemae.model import (COLLAPSED_PERPLEXITY, COLLAPSED_TARGET_RANK,  # noqa: E402
+                         COLLAPSED_TARGET_STD)
+from pemae.results import (METRIC_NAMES, READOUT_NAMES, RUN_METRICS, TABLE_COLUMNS,  # noqa: E402
+                           seeds_note, table_cells)
 from pemae.runtime import read_log  # noqa: E402
 
 
@@ -26,12 +28,27 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def curves(logs: dict[str, str | Path], columns: list[str]) -> plt.Figure:
+def collapse_thresholds(num_prototypes: int) -> dict[str, tuple[float, str]]:
+    """Reference lines for the collapse monitors of `curves`: perplexity 2 (one cluster in use)
+    and entropy log K (uniform pseudo labels), for both the CLS and the token head, and the
+    token targets' collapse thresholds (effective rank, per-channel std)."""
+    lines = {"target_rank": (COLLAPSED_TARGET_RANK, "collapsed"),
+             "target_std": (COLLAPSED_TARGET_STD, "collapsed")}
+    for kind in ("cls", "tok"):
+        lines[f"{kind}_perplexity"] = (COLLAPSED_PERPLEXITY, "one cluster")
+        lines[f"{kind}_entropy"] = (math.log(num_prototypes), "uniform (log K)")
+    return lines
+
+
+def curves(logs: dict[str, str | Path], columns: list[str],
+           thresholds: dict[str, tuple[float, str]] | None = None) -> plt.Figure:
     """One panel per logged column, one curve per run, against the global step.
 
     Runs whose log lacks a column (e.g. MAE has no pseudo labels) are left out of that panel.
-    Perplexity panels are log-scaled and show the collapse threshold.
+    Perplexity panels are log-scaled. `thresholds` maps a column to a horizontal reference line
+    (value, label), e.g. `collapse_thresholds(K)`.
     """
+    thresholds = thresholds or {}
     tables = {run: read_log(path) for run, path in logs.items() if Path(path).is_file()}
     fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 3.4), squeeze=False)
     for ax, column in zip(axes[0], columns):
@@ -40,7 +57,9 @@ def curves(logs: dict[str, str | Path], columns: list[str]) -> plt.Figure:
                 ax.plot(log["step"], log[column], label=run)
         if column.endswith("perplexity"):
             ax.set_yscale("log")
-            ax.axhline(COLLAPSED_PERPLEXITY, color="red", linestyle=":", label="collapse")
+        if column in thresholds:
+            value, label = thresholds[column]
+            ax.axhline(value, color="red", linestyle=":", label=label)
         ax.set_xlabel("step")
         ax.set_title(column)
         ax.grid(alpha=0.3)
@@ -100,34 +119,76 @@ def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, data: Data
     return fig
 
 
-def table_figure(rows: list[dict], columns: list[str], title: str = "") -> plt.Figure:
-    """A results table drawn as a figure (for the README)."""
-    cells = [[format_cell(row.get(c)) for c in columns] for row in rows]
-    fig, ax = plt.subplots(figsize=(1.5 * len(columns), 0.45 * (len(rows) + 1.5)))
+def table_figure(summary_rows: list[dict], title: str = "") -> plt.Figure:
+    """The long results table (mean ± std per run and readout) drawn as a figure (for the README)."""
+    cells = [[row[c] for c in TABLE_COLUMNS] for row in table_cells(summary_rows)]
+    fig, ax = plt.subplots(figsize=(1.6 * len(TABLE_COLUMNS), 0.3 * (len(cells) + 1)))
     ax.axis("off")
-    table = ax.table(cellText=cells, colLabels=columns, loc="center", cellLoc="center")
-    table.scale(1, 1.4)
+    table = ax.table(cellText=cells, colLabels=TABLE_COLUMNS, bbox=[0, 0, 1, 1], cellLoc="center")  # fills the axes
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.auto_set_column_width(list(range(len(TABLE_COLUMNS))))
     if title:
         ax.set_title(title, fontsize=10)
+    ax.annotate(seeds_note(summary_rows), xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -4),
+                textcoords="offset points", ha="center", va="top", fontsize=8)
     return fig
 
 
-def grouped_bars(rows: list[dict], metrics: list[str], label: str = "run") -> plt.Figure:
-    """Accuracy per run, one group of bars per run and one bar per metric.
+READOUT_HATCHES = {"cls": "", "avg": "//", "pixels": ".."}
 
-    A run whose pseudo labels collapsed is marked "(collapsed)" under its bars.
+
+def _bar_series(summary_rows: list[dict], metric: str) -> list[int]:
+    """Indices of the rows that get a bar for `metric`: those that have it, and for a run
+    metric (the same on every readout row) only each run's first row."""
+    seen, chosen = set(), []
+    for i, row in enumerate(summary_rows):
+        if f"{metric}_mean" in row and not (metric in RUN_METRICS and row["run"] in seen):
+            chosen.append(i)
+        seen.add(row["run"])
+    return chosen
+
+
+def _bar_label(row: dict) -> str:
+    label = f"{row['run']} · {READOUT_NAMES.get(row['readout'], row['readout'])}"
+    return label + " (collapsed)" if row.get("collapsed") else label
+
+
+def grouped_bars(summary_rows: list[dict], metrics: list[str],
+                 ylabel: str = "top-1 accuracy (%)") -> plt.Figure:
+    """Mean over seeds with a ±1 std error bar: one group per metric, one bar per run and readout.
+
+    Colour = run, hatch = readout; a run metric (fine-tune) gets one bar per run. Bars of a run
+    whose pseudo labels collapsed (any seed) are marked "collapsed" under them.
     """
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(rows), 3.6))
-    width = 0.8 / len(metrics)
-    x = np.arange(len(rows))
-    for i, metric in enumerate(metrics):
-        values = [row.get(metric) or 0.0 for row in rows]
-        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, values, width, label=metric)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, [row[label] + ("\n(collapsed)" if row.get("collapsed") else "") for row in rows])
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.legend(fontsize=8, loc="lower right")
+    runs = list(dict.fromkeys(row["run"] for row in summary_rows))
+    colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(runs)}
+    width = 0.8 / max(len(summary_rows), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.35 * len(summary_rows) * len(metrics), 3.8))
+    handles, collapsed_x = {}, []
+    for group, metric in enumerate(metrics):
+        chosen = _bar_series(summary_rows, metric)
+        for slot, i in enumerate(chosen):
+            row = summary_rows[i]
+            x = group + (slot - (len(chosen) - 1) / 2) * width
+            bars = ax.bar(x, row[f"{metric}_mean"], width, yerr=row[f"{metric}_std"], capsize=2,
+                          color=colours[row["run"]], hatch=READOUT_HATCHES.get(row["readout"], ""),
+                          edgecolor="white", label=_bar_label(row))
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+            handles.setdefault(i, bars)
+            if row.get("collapsed"):
+                collapsed_x.append(x)
+    ax.set_xticks(range(len(metrics)), [METRIC_NAMES.get(m, m) for m in metrics])
+    if collapsed_x:  # a minor tick label under each collapsed bar; the metric names below them
+        ax.set_xticks(collapsed_x, ["collapsed"] * len(collapsed_x), minor=True, rotation=90,
+                      fontsize=6, color="red")
+        ax.tick_params(axis="x", which="major", pad=40)
+    ax.set_ylabel(ylabel)
+    ordered = [handles[i] for i in sorted(handles)]
+    ax.legend(ordered, [h.get_label() for h in ordered], fontsize=7, loc="center left",
+              bbox_to_anchor=(1.01, 0.5))
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     return fig
 
 

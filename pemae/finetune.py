@@ -1,7 +1,10 @@
 """Full fine-tuning of a pretrained encoder (MAE's protocol, scaled down).
 
 AdamW with layer-wise lr decay, drop path, label smoothing, warm-up + cosine lr per step,
-global average pooling with a fresh norm (or the CLS token).
+global average pooling with a fresh norm (or the CLS token). Trained on the training split; the
+validation split is scored after every epoch (what the epoch count and the other knobs are chosen
+on), the test split once, at the end. The randomly initialised encoder fine-tuned with the same
+budget is the from-scratch baseline.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pemae.encoder import build_encoder
 from pemae.optim import layer_decay_param_groups, set_lr
 from pemae.pretrain import peak_lr
 from pemae.runtime import MetricLog, autocast, pick_device, seed_everything
-from pemae.schedules import warmup_cosine
+from pemae.schedules import warmup_cosine, warmup_step_count
 
 
 def classifier_from_encoder(encoder_path: str | Path, cfg: Config, classes: int) -> nn.Module:
@@ -59,34 +62,44 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
     return 100.0 * correct / total
 
 
+def protocol(cfg: Config) -> str:
+    """What the fine-tuning run is: an encoder with no pretraining is trained from scratch."""
+    kind = "from scratch" if cfg.pretrain.epochs == 0 else "fine-tuned"
+    return f"{kind} (layer decay {cfg.finetune.layer_decay:g})"
+
+
 def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
-             progress: bool = True) -> dict:
-    """Fine-tune the whole encoder on labelled data; write log.csv and summary.json."""
+             progress: bool = True, test: bool = True) -> dict:
+    """Fine-tune the whole encoder on labelled data; write log.csv and summary.json.
+
+    `test=False` (a search on the validation split) leaves the test split unread.
+    """
     fc = cfg.finetune
     out_dir = Path(out_dir)
     device = pick_device(cfg.pretrain.device)
     generator = seed_everything(fc.seed)
 
-    train = build_dataset(cfg.data, "train", finetune_transform(cfg.data))
+    train = build_dataset(cfg.data, "train", finetune_transform(cfg.data, fc.crop_min_scale))
     train = fixed_subset(train, fc.train_subset, "finetune.train_subset")
-    test = build_dataset(cfg.data, "test", eval_transform(cfg.data))
     if len(train) < fc.batch_size:
         raise ConfigError(f"finetune.batch_size = {fc.batch_size} exceeds the {len(train)} training images")
     train_loader = DataLoader(train, batch_size=fc.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.data.num_workers, generator=generator)
-    test_loader = DataLoader(test, batch_size=cfg.evaluation.batch_size,
-                             num_workers=cfg.data.num_workers)
+    scored = (("val",) if cfg.data.val_fraction > 0 else ()) + (("test",) if test else ())
+    loaders = {split: DataLoader(build_dataset(cfg.data, split, eval_transform(cfg.data)),
+                                 batch_size=cfg.evaluation.batch_size, num_workers=cfg.data.num_workers)
+               for split in scored}
 
-    model = classifier_from_encoder(encoder_path, cfg, num_classes(test)).to(device)
+    model = classifier_from_encoder(encoder_path, cfg, num_classes(train)).to(device)
     optimizer = torch.optim.AdamW(layer_decay_param_groups(model, fc.weight_decay, fc.layer_decay),
                                   lr=0.0)
     steps_per_epoch = len(train_loader)
     total_steps = fc.epochs * steps_per_epoch
     lr = peak_lr(fc.batch_size, fc.base_lr)
-    warmup_steps = round(fc.warmup_epochs * steps_per_epoch)
+    warmup_steps = warmup_step_count(fc.warmup_epochs, steps_per_epoch, total_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricLog(out_dir / "log.csv")
-    step, start = 0, time.perf_counter()
+    step, start, row = 0, time.perf_counter(), {}
     for epoch in range(fc.epochs):
         model.train()
         for imgs, y in tqdm(train_loader, disable=not progress, desc=f"finetune epoch {epoch + 1}"):
@@ -98,10 +111,15 @@ def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
             loss.backward()
             optimizer.step()
             step += 1
-        top1 = accuracy(model, test_loader, device)
-        log.append(step=step, epoch=epoch + 1, loss=loss.item(), test_top1=top1)
+        row = {"val_top1": accuracy(model, loaders["val"], device)} if "val" in loaders else {}
+        log.append(step=step, epoch=epoch + 1, loss=loss.item(), **row)
     log.close()
-    summary = {"finetune_top1": round(top1, 2), "epochs": fc.epochs, "labelled_images": len(train),
-               "seconds": round(time.perf_counter() - start, 1)}
+    seconds = time.perf_counter() - start
+    scores = {"val_top1": row["val_top1"]} if row else {}
+    if "test" in loaders:
+        scores["test_top1"] = accuracy(model, loaders["test"], device)  # read once, at the end
+    summary = {**{k: round(v, 2) for k, v in scores.items()},
+               "epochs": fc.epochs, "labelled_images": len(train), "seconds": round(seconds, 1),
+               "protocol": protocol(cfg)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -13,6 +13,7 @@ Files written into `out_dir` (rank 0 only):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -32,7 +33,7 @@ from pemae.optim import param_groups, set_lr
 from pemae.runtime import (MetricLog, amp_dtype, autocast, peak_memory_mb, read_log, rng_state,
                            seed_everything, set_rng_state)
 from pemae.sampling import GlobalBatchSampler, SeededViews
-from pemae.schedules import warmup_cosine
+from pemae.schedules import warmup_cosine, warmup_step_count
 
 # Keys that may change when an interrupted run is resumed: where and how fast it runs, not what
 # it computes (the batches do not depend on processes, accumulation or workers: pemae.sampling).
@@ -49,6 +50,28 @@ class NonFiniteLossError(FloatingPointError):
 def peak_lr(batch_size: int, base_lr: float) -> float:
     """The linear scaling rule of Goyal et al. (2017), as in MAE: lr = base_lr * batch / 256."""
     return base_lr * batch_size / 256
+
+
+def batch_for_data(cfg: Config, num_images: int, world_size: int = 1) -> Config:
+    """`cfg` with the batch halved until an epoch of `num_images` has `min_steps_per_epoch` steps.
+
+    A small data set at a large batch gives a handful of steps per epoch: 1.3k images at batch
+    256 are 5 steps, and 40 epochs of them left an MAE encoder worse than a random one, while the
+    same epochs at batch 64 (20 steps an epoch) beat it on every probe (results/search/
+    small_data.jsonl). The lr follows the batch (lr = base_lr * batch / 256); the batch stays
+    a multiple of world size x accum_steps and at least 16 images a step.
+    """
+    pc = cfg.pretrain
+    batch, parts = pc.batch_size, world_size * pc.accum_steps
+    while (num_images // batch < pc.min_steps_per_epoch and batch // 2 >= max(16, parts)
+           and (batch // 2) % parts == 0):
+        batch //= 2
+    if batch == pc.batch_size:
+        return cfg
+    print(f"pretrain.batch_size {pc.batch_size} -> {batch}: {num_images} images would give "
+          f"{num_images // pc.batch_size} steps per epoch (pretrain.min_steps_per_epoch = "
+          f"{pc.min_steps_per_epoch})")
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(pc, batch_size=batch))
 
 
 def micro_batch_size(batch_size: int, accum_steps: int, world_size: int) -> int:
@@ -194,10 +217,11 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[n
 
 def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Processes,
               device: torch.device) -> tuple[nn.Module, dict]:
+    seed_everything(cfg.pretrain.seed)
+    dataset = build_dataset(cfg.data, "train", pretrain_transform(cfg.data))
+    cfg = batch_for_data(cfg, len(dataset), procs.world_size)  # saved and resumed as resolved
     pc, main = cfg.pretrain, procs.is_main
     micro = micro_batch_size(pc.batch_size, pc.accum_steps, procs.world_size)
-    seed_everything(pc.seed)
-    dataset = build_dataset(cfg.data, "train", pretrain_transform(cfg.data))
     if len(dataset) < pc.batch_size:
         raise ConfigError(f"pretrain.batch_size = {pc.batch_size} exceeds the {len(dataset)} training images")
     steps_per_epoch = len(dataset) // pc.batch_size
@@ -222,7 +246,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     net = distributed.wrap(model, procs, device)
     lr = peak_lr(pc.batch_size, pc.base_lr)
-    warmup_steps = round(pc.warmup_epochs * steps_per_epoch)
+    warmup_steps = warmup_step_count(pc.warmup_epochs, steps_per_epoch, total_steps)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
@@ -293,7 +317,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
     checkpoint.export_encoder(model.encoder, cfg, out_dir / "encoder.pt")
     summary = run_summary(out_dir / "log.csv", cfg, step, seconds, device, procs.world_size)
     if summary.get("collapsed"):
-        print(f"WARNING: the pseudo labels of this run collapsed: {summary}")
+        print(f"WARNING: this run collapsed (its pseudo labels or its token targets): {summary}")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(last_path, final_path)  # the run is complete: nothing left to resume
     return model, summary

@@ -14,7 +14,7 @@ from pemae.config import Config, build_config
 def fashion_mnist_installed() -> bool:
     """True when the Debian Fashion-MNIST files (both splits) are on disk."""
     folder = data.DEBIAN_FASHION_MNIST
-    return all(data._find_idx_pair([folder], split) for split in data.SPLITS)
+    return all(data._find_idx_pair([folder], split) for split in data.SOURCE_SPLITS)
 
 
 needs_fashion_mnist = pytest.mark.skipif(
@@ -25,8 +25,14 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 
 def tiny_config(**sections) -> Config:
-    """The `tiny` preset on the CPU, never downloading, with `sections` merged on top."""
+    """The `tiny` preset on the CPU, never downloading, with `sections` merged on top.
+
+    A test that sizes the training set itself (`data={"train_subset": N}`) trains on exactly N
+    images: no validation split is held out of them unless it asks for one.
+    """
     base = {"data": {"download": False}, "pretrain": {"device": "cpu"}}
+    if "train_subset" in sections.get("data", {}):
+        base["data"]["val_fraction"] = 0.0
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return build_config("tiny", base)

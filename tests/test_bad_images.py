@@ -60,7 +60,7 @@ def write_bad(root: Path) -> list[Path]:
 def data_cfg(root: Path, **values):
     """The tiny preset's `DataConfig` for an imagefolder at `root`, with `values` on top."""
     base = {"dataset": "imagefolder", "root": str(root), "img_size": IMG_SIZE, "in_chans": 3,
-            "train_subset": 0, "test_subset": 0, "download": False}
+            "train_subset": 0, "test_subset": 0, "download": False, "val_fraction": 0.0}
     return build_config("tiny", {"data": {**base, **values}, "pretrain": {"device": "cpu"}}).data
 
 

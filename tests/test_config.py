@@ -343,3 +343,19 @@ def test_default_preset_model_runs_forward():
     model = MaskedAutoencoder(cfg.model, cfg.data)
     out = model(torch.randn(2, 1, 28, 28))
     assert out["pred"].shape == (2, 49, 16) and torch.isfinite(out["loss"])
+
+
+def test_the_pipeline_seed_drives_pretraining_fine_tuning_and_the_probes():
+    runs = {"mae": {"method": {"name": "mae"}, "finetune": {"seed": 7}}}
+    cfg = config_for_run("tiny", {}, runs, "mae", seed=3)
+    assert (cfg.pretrain.seed, cfg.finetune.seed, cfg.evaluation.seed) == (3, 3, 3)
+    assert cfg.method.name == "mae"  # the run's own overrides still apply
+    assert config_for_run("tiny", {}, runs, "mae").finetune.seed == 7  # no pipeline seed: as set
+    assert config_for_run("tiny", {}, runs, "mae", seed=3).data.split_seed == 0  # split: fixed
+
+
+def test_load_params_takes_the_seed_and_knows_the_pipeline_keys(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"preset": "tiny", "seeds": [0, 1], "comparisons": [["a", "b"]],
+                                    "ablations": {}, "small_data": {}, "runs": {"a": {}}}))
+    assert load_params(path, "a", seed=1).pretrain.seed == 1

@@ -26,7 +26,9 @@ N_TRAIN, N_TEST = 20, 10
 # Helpers: configs, transforms and fake datasets on disk
 # --------------------------------------------------------------------------------------------
 def data_cfg(**values):
-    """A validated `DataConfig` from the default preset with `values` overridden."""
+    """A validated `DataConfig` from the default preset with `values` overridden (no validation
+    split unless `val_fraction` is given, so "train" is the whole training set)."""
+    values.setdefault("val_fraction", 0.0)
     return build_config("default", {"data": values}).data
 
 
@@ -367,3 +369,51 @@ def test_denormalise_inverts_normalise():
     img = Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy())  # [32, 32, 3]
     x = data.eval_transform(cfg)(img)  # [3, 32, 32]
     assert torch.allclose(data.denormalise(x[None], cfg)[0], as_uint8(img) / 255.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The validation split
+# --------------------------------------------------------------------------------------------
+def _items(dataset) -> list[bytes]:
+    """Each item's exact pixels, to compare splits by content, not by index."""
+    return [dataset[i][0].numpy().tobytes() for i in range(len(dataset))]
+
+
+def test_val_split_is_disjoint_from_train_fixed_and_complete(tmp_path, no_debian):
+    fake_fashion_mnist(tmp_path)
+    cfg = data_cfg(root=str(tmp_path), val_fraction=0.25, split_seed=3)
+    train, val = (data.build_dataset(cfg, s, as_uint8) for s in ("train", "val"))
+    assert (len(train), len(val)) == (15, 5)  # round(0.25 * 20) held out
+    whole = _items(data.build_dataset(data_cfg(root=str(tmp_path)), "train", as_uint8))
+    assert sorted(_items(train) + _items(val)) == sorted(whole)  # nothing lost, nothing twice
+    assert not set(_items(train)) & set(_items(val))
+    again = data.build_dataset(cfg, "val", as_uint8)
+    assert again.indices == val.indices  # fixed by split_seed
+    other = data.build_dataset(data_cfg(root=str(tmp_path), val_fraction=0.25, split_seed=4), "val", None)
+    assert other.indices != val.indices
+    assert len(data.build_dataset(cfg, "test", None)) == N_TEST  # the test split is untouched
+
+
+def test_val_split_is_taken_from_the_training_subset(tmp_path, no_debian):
+    fake_fashion_mnist(tmp_path)
+    cfg = data_cfg(root=str(tmp_path), train_subset=10, val_fraction=0.1)
+    train, val = (data.build_dataset(cfg, s, as_uint8) for s in ("train", "val"))
+    subset = _items(data.build_dataset(data_cfg(root=str(tmp_path), train_subset=10), "train", as_uint8))
+    assert (len(train), len(val)) == (9, 1)
+    assert sorted(_items(train) + _items(val)) == sorted(subset)
+    assert data.num_classes(val) == 10
+
+
+def test_no_val_split_is_named_when_asked_for(tmp_path, no_debian):
+    fake_fashion_mnist(tmp_path)
+    with pytest.raises(ConfigError, match="data.val_fraction = 0"):
+        data.build_dataset(data_cfg(root=str(tmp_path)), "val", None)
+    with pytest.raises(ConfigError, match=r"data.val_fraction"):
+        data_cfg(val_fraction=1.0)
+
+
+@pytest.mark.parametrize("n, fraction, expected", [(20, 0.1, 2), (20, 0.01, 1), (2, 0.9, 1), (1, 0.5, 0)])
+def test_train_val_indices_sizes(n, fraction, expected):
+    train, val = data.train_val_indices(n, fraction, seed=0)
+    assert len(val) == expected and len(train) == n - expected
+    assert sorted(train + val) == list(range(n))

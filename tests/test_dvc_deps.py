@@ -42,7 +42,9 @@ def modules_used(notebook: Path) -> set[str]:
     return seen
 
 
-STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+STAGES = {**yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"],
+          **{f"study/dvc.yaml:{name}": spec for name, spec in
+             yaml.safe_load((REPO / "study" / "dvc.yaml").read_text())["stages"].items()}}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

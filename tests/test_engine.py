@@ -414,3 +414,26 @@ def test_every_logged_row_has_the_collapse_monitors(tmp_path):
     assert list(log["step"]) == [3, 6, 8]
     for column in ("cls_entropy", "cls_perplexity", "tok_entropy", "tok_perplexity"):
         assert np.isfinite(log[column]).all() and (log[column] > 0).all(), column
+
+
+# --------------------------------------------------------------------------------------------
+# Small data sets: enough steps per epoch
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("images, world, accum, expected", [
+    (54000, 1, 1, 256),   # Fashion-MNIST: 210 steps an epoch, unchanged
+    (1294, 1, 1, 64),     # 1.3k images: 5 -> 20 steps an epoch
+    (1294, 2, 4, 64),     # still a multiple of world size x accumulation
+    (100, 1, 1, 16),      # never under 16 images a step
+    (1294, 1, 32, 64),    # 32 micro-batches of 2 images
+    (1294, 1, 128, 128),  # the batch never splits into fewer images than micro-batches
+])
+def test_small_data_halves_the_batch_until_an_epoch_has_enough_steps(images, world, accum, expected):
+    from pemae.config import build_config
+    from pemae.pretrain import batch_for_data
+
+    cfg = build_config("default", {"pretrain": {"accum_steps": accum}})
+    got = batch_for_data(cfg, images, world)
+    assert got.pretrain.batch_size == expected
+    assert got.pretrain.batch_size % (world * accum) == 0
+    off = build_config("default", {"pretrain": {"min_steps_per_epoch": 0}})
+    assert batch_for_data(off, 1294).pretrain.batch_size == 256  # 0 switches it off

@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_the_four_pipeline_notebooks():
+def test_there_are_the_pipeline_and_study_notebooks():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_pretrain.ipynb", "02_evaluate.ipynb", "03_finetune.ipynb",
-                     "04_figures.ipynb", "05_cost.ipynb"]
+                     "04_figures.ipynb", "05_cost.ipynb", "06_small_data.ipynb",
+                     "07_finetune_curve.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -41,12 +42,12 @@ def test_pretrain_notebook_runs_through_papermill_with_injected_parameters(tmp_p
         },
         cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
     )
-    run_dir = tmp_path / "results" / "runs" / "smoke" / "pretrain"
+    run_dir = tmp_path / "results" / "runs" / "smoke" / "seed0" / "pretrain"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["pretrain"]["epochs"] == 2 and saved["pretrain"]["batch_size"] == 32
     assert saved["model"]["mask_ratio"] == 0.5  # the run's own override
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 2 * (512 // 32)  # tiny preset: 512 training images
+    assert summary["steps"] == 2 * (512 // 32)  # tiny preset: 512 training images (57 more for val)
     assert (run_dir / "encoder.pt").is_file() and (run_dir / "checkpoint.pt").is_file()
     executed = json.loads(out.read_text())
     assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])

@@ -28,3 +28,14 @@ def test_every_run_in_params_yaml_resolves():
     assert load_params(PARAMS, "random").pretrain.epochs == 0
     for run in runs:
         load_params(PARAMS, run)
+
+
+def test_every_ablation_run_resolves_and_the_pipeline_keys_are_consistent():
+    params = yaml.safe_load(PARAMS.read_text())
+    for run, overrides in params["ablations"].items():
+        assert run not in params["runs"]
+        assert load_params(PARAMS, None, overrides).method.name == "pemae"
+    assert len(params["seeds"]) >= 3 and len(set(params["seeds"])) == len(params["seeds"])
+    known = set(params["runs"]) | {"pixels"}
+    assert all(len(pair) == 2 and set(pair) <= known for pair in params["comparisons"])
+    assert set(params["small_data"]["runs"]) <= set(params["runs"])

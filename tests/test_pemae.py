@@ -20,7 +20,9 @@ from pemae.encoder import build_encoder, encode_patches, gather_tokens
 from pemae.heads import LabellingHead
 from pemae.losses import centered_probs, pseudo_label_loss, sinkhorn_knopp, update_center
 from pemae.mae import MaskedAutoencoder, random_masking
-from pemae.model import PEMAE, build_pretrain_model, teacher_features, teacher_temperature
+from pemae.model import (COLLAPSED_TARGET_RANK, COLLAPSED_TARGET_STD, MAX_RANK_ROWS, PEMAE,
+                         build_pretrain_model, collapse_report, effective_rank, teacher_features,
+                         teacher_temperature, target_monitors)
 from pemae.optim import param_groups
 from pemae.pretrain import train_step
 from pemae.runtime import read_log
@@ -654,6 +656,9 @@ def test_every_variant_pretrains_and_logs_its_terms(variant, tmp_path):
     expected = {"loss", "loss_rec"} | {f"loss_{k}" for k in kinds}
     expected |= {f"{k}_{mon}" for k in kinds for mon in MONITORS}
     expected |= {f"momentum_{t}" for t in teachers}
+    token_targets = variant not in ("mae", "pixel")
+    if token_targets:
+        expected |= {"target_std", "target_rank"}
     if variant != "mae":
         expected.add("teacher_temp")
     extra = {"step", "epoch", "lr", "images_per_s", "peak_mem_mb", "skipped_images"}
@@ -672,6 +677,11 @@ def test_every_variant_pretrains_and_logs_its_terms(variant, tmp_path):
             else "momentum_lab"
         base = getattr(run.cfg.method, knob)
         assert mom[0] == pytest.approx(base) and (np.diff(mom) >= 0).all() and (mom <= 1).all()
+    if token_targets:  # LayerNorm-ed targets: std in [0, 1], effective rank in [1, D]
+        assert ((log["target_std"] > 0) & (log["target_std"] <= 1)).all()
+        assert ((log["target_rank"] >= 1) & (log["target_rank"] <= 64)).all()
+    assert ("targets_collapsed" in run.summary) == token_targets
+    assert ("collapsed" in run.summary) == (token_targets or bool(kinds))
     if variant == "cosine":
         assert ((log["loss_rec"] >= 0) & (log["loss_rec"] <= 2)).all()
     if kinds or teachers:  # the teachers followed the student: they are no longer its copy
@@ -795,3 +805,125 @@ def test_monitors_are_skipped_on_unlogged_steps_without_changing_the_loss():
     assert {"cls_entropy", "tok_perplexity", "cls_center_norm"} <= set(full)
     assert not any(k.endswith(("entropy", "perplexity", "center_norm")) for k in lean)
     assert torch.equal(full["loss"], lean["loss"])
+
+
+# --------------------------------------------------------------------------------------------
+# 12. Collapse monitors of the token targets
+# --------------------------------------------------------------------------------------------
+def layer_normed(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:])
+
+
+def test_effective_rank_of_known_matrices():
+    gen = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 16, generator=gen)
+    assert effective_rank(row.expand(50, 16)).item() == pytest.approx(1.0, abs=1e-4)  # one direction
+    assert effective_rank(torch.zeros(50, 16)).item() == 1.0  # no spread at all
+    assert effective_rank(torch.eye(16)).item() == pytest.approx(16.0, rel=1e-5)  # all alike
+    q, _ = torch.linalg.qr(torch.randn(40, 16, generator=gen))  # [40, 16], orthonormal columns
+    assert effective_rank(q * 3.0).item() == pytest.approx(16.0, rel=1e-5)  # scale-free
+    assert effective_rank(q[:, :3]).item() == pytest.approx(3.0, rel=1e-5)
+    # singular values 3 and 1: exp(H(3/4, 1/4)), between 1 and 2
+    two = q[:, :2] * torch.tensor([3.0, 1.0])  # [40, 2]
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert effective_rank(two).item() == pytest.approx(expected, rel=1e-5)
+    bad = torch.eye(4)
+    bad[1, 2] = float("nan")
+    assert math.isnan(effective_rank(bad).item())  # NaN, not an SVD error: the loss check names it
+
+
+def test_target_monitors_separate_healthy_from_collapsed_targets():
+    gen = torch.Generator().manual_seed(0)
+    healthy = target_monitors(layer_normed(torch.randn(8, 37, 64, generator=gen)))
+    assert healthy["target_std"].item() == pytest.approx(1.0, abs=0.05)
+    assert healthy["target_rank"].item() > 50  # 296 random rows in 64 dimensions
+    # one direction: t = LN(a + c·b) only moves along the line through a and b
+    a, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    line = target_monitors(layer_normed(a + 0.01 * torch.randn(8, 37, 1, generator=gen) * b))
+    assert line["target_rank"].item() < 1.05 and line["target_std"].item() < 0.05
+    # one pattern plus faint noise: the centred residue is noise of full rank, only the std sees it
+    pattern = layer_normed(a + 1e-3 * torch.randn(8, 37, 64, generator=gen))
+    near_constant = target_monitors(pattern)
+    assert near_constant["target_std"].item() < 1e-2 and near_constant["target_rank"].item() > 50
+    for out in (healthy, line, near_constant):
+        assert set(out) == {"target_std", "target_rank"}
+        assert all(v.ndim == 0 and not v.requires_grad for v in out.values())
+
+
+def test_target_rank_subsamples_rows_deterministically():
+    gen = torch.Generator().manual_seed(0)
+    t = layer_normed(torch.randn(3, 1500, 16, generator=gen))  # 4500 rows > MAX_RANK_ROWS
+    first, again = target_monitors(t), target_monitors(t.clone())
+    assert torch.equal(first["target_rank"], again["target_rank"])
+    rows = torch.arange(MAX_RANK_ROWS) * 4500 // MAX_RANK_ROWS  # evenly spread over all 3 images
+    sample = t.reshape(-1, 16)[rows]
+    assert torch.allclose(first["target_rank"], effective_rank(sample - sample.mean(0)))
+    assert first["target_std"].item() == pytest.approx(t.reshape(-1, 16).std(0, correction=0).mean().item())
+
+
+@pytest.mark.parametrize("method,token", [
+    ({}, True),  # PEMAE dual, token targets
+    ({"teachers": "single", "lambda_cls": 0, "lambda_tok": 0}, True),  # token reconstruction only
+    ({"recon_target": "pixel", "lambda_tok": 0}, False),
+])
+def test_target_monitors_only_for_token_targets_and_only_when_monitoring(method, token):
+    model, imgs = build(pemae_cfg(**method)).train(), images()
+    noise = torch.rand(len(imgs), 49, generator=torch.Generator().manual_seed(0))
+    full = model(imgs, 0, noise=noise)
+    lean = model(imgs, 0, noise=noise, monitor=False)
+    keys = {"target_std", "target_rank"}
+    assert (keys <= set(full)) == token and not keys & set(lean)
+    assert torch.equal(full["loss"], lean["loss"])
+    if token:
+        assert all(full[k].ndim == 0 and not full[k].requires_grad for k in keys)
+
+
+def test_mae_has_no_target_monitors():
+    cfg = tiny_config(method={"name": "mae"})
+    out = build(cfg)(images())
+    assert not {"target_std", "target_rank"} & set(out)
+
+
+def test_target_monitors_of_a_real_forward_are_those_of_the_teacher_tokens():
+    model, imgs = build(pemae_cfg()).train(), images()
+    noise = torch.rand(len(imgs), 49, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(imgs, 0, noise=noise)
+        masking = random_masking(len(imgs), 49, 0.75, CPU, noise)
+        _, tokens = teacher_features(model.rec_teacher["encoder"], imgs, masking, "full", 1)  # [4, 37, 64]
+    std, rank = out["target_std"].item(), out["target_rank"].item()
+    assert math.isfinite(std) and 0 < std <= 1
+    assert math.isfinite(rank) and 1 <= rank <= 64
+    by_hand = target_monitors(tokens)
+    assert std == pytest.approx(by_hand["target_std"].item(), rel=1e-5)
+    assert rank == pytest.approx(by_hand["target_rank"].item(), rel=1e-4)
+
+
+HEALTHY_LABELS = {"cls_perplexity": 30.0, "cls_entropy": 1.0}
+
+
+@pytest.mark.parametrize("std,rank,collapsed", [
+    (0.8, 20.0, False),  # healthy
+    (0.0, 1.0, True),  # every target the same
+    (0.5, 1.5, True),  # spread, but along one line
+    (0.01, 40.0, True),  # one pattern plus faint full-rank noise
+    (COLLAPSED_TARGET_STD, COLLAPSED_TARGET_RANK, False),  # the thresholds themselves pass
+])
+def test_collapse_report_flags_collapsed_token_targets(std, rank, collapsed):
+    report = collapse_report({**HEALTHY_LABELS, "target_std": std, "target_rank": rank}, 64)
+    assert report["targets_collapsed"] is collapsed and report["cls_collapsed"] is False
+    assert report["collapsed"] is collapsed
+    assert report["target_std"] == round(std, 3) and report["target_rank"] == round(rank, 2)
+    # token reconstruction only (no pseudo labels): the targets alone decide
+    alone = collapse_report({"target_std": std, "target_rank": rank}, 64)
+    assert alone == {"target_std": round(std, 3), "target_rank": round(rank, 2),
+                     "targets_collapsed": collapsed, "collapsed": collapsed}
+
+
+def test_collapse_report_rounds_and_is_unchanged_without_token_targets():
+    report = collapse_report({"target_std": 0.123456, "target_rank": 12.34567}, 64)
+    assert report["target_std"] == 0.123 and report["target_rank"] == 12.35
+    # pixel targets / MAE: no target keys, the pseudo-label report as before
+    assert collapse_report(HEALTHY_LABELS, 64) == {"cls_perplexity": 30.0, "cls_collapsed": False,
+                                                   "collapsed": False}
+    assert collapse_report({"loss": 1.0}, 64) == {}

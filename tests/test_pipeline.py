@@ -1,7 +1,8 @@
 """The DVC pipeline end to end on the tiny preset, in a scratch git repository.
 
-`dvc repro` builds every stage; a second `dvc repro` does nothing; `dvc exp run -S` on a
-fine-tuning knob reruns only the fine-tuning stages and the figures.
+`dvc repro` builds every stage (every run with two seeds, the raw-pixel baseline, the small-data
+check, the figures and the cost); a second `dvc repro` does nothing; `dvc exp run -S` on a knob
+reruns only the stages that depend on it.
 """
 
 import os
@@ -19,6 +20,7 @@ from pemae.config import build_config
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COPIED = ["dvc.yaml", "notebooks", "pemae", ".dvc/config", ".dvcignore"]
+SEEDS = [0, 1]
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -43,8 +45,11 @@ def repo(tmp_path_factory) -> Path:
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
-    params = {"preset": "tiny", **build_config("tiny").to_dict(),
-              "runs": yaml.safe_load((ROOT / "params.yaml").read_text())["runs"]}
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    small_data = {"runs": default["small_data"]["runs"], "img_size": 16, "pretrain_epochs": 1,
+                  "finetune_epochs": 1, "seed": 0, "enforce": False}
+    params = {"preset": "tiny", "seeds": SEEDS, **build_config("tiny").to_dict(),
+              "runs": default["runs"], "comparisons": default["comparisons"], "small_data": small_data}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
@@ -52,13 +57,23 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
+def stages(stage: str, runs, seeds=SEEDS) -> set[str]:
+    return {f"{stage}@{r}-{s}" for r in runs for s in seeds}
+
+
 def test_repro_builds_every_stage_then_is_up_to_date(repo):
     runs = yaml.safe_load((repo / "params.yaml").read_text())["runs"]
     first = stages_run(run(["dvc", "repro"], repo))
-    expected = {f"{stage}@{r}" for stage in ("pretrain", "evaluate", "finetune") for r in runs}
-    assert first == expected | {"figures", "cost"}
+    expected = stages("pretrain", runs) | stages("evaluate", runs) | stages("finetune", runs)
+    assert first == expected | {f"pixels@{s}" for s in SEEDS} | {"small_data", "figures", "cost"}
     table = (repo / "results" / "results.md").read_text()
-    assert all(f"| {r} |" in table for r in runs)
+    assert all(f"| {r} |" in table for r in [*runs, "pixels"])
+    assert "± " in table and "(scratch)" in table  # mean ± std over the seeds; the scratch baseline
+    assert (repo / "results" / "results_val.md").is_file()
+    for run_name in runs:
+        for seed in SEEDS:
+            assert (repo / "results" / "runs" / run_name / f"seed{seed}" / "evaluate.json").is_file()
+    assert (repo / "results" / "small_data" / "summary.json").is_file()
     for png in ("pretrain_loss", "reconstructions", "accuracy", "results_table", "loss_terms",
                 "collapse_monitors", "attention_maps", "pseudo_label_maps", "cost"):
         assert (repo / "results" / "figures" / f"{png}.png").stat().st_size > 1000
@@ -71,9 +86,11 @@ def test_exp_run_reruns_only_what_depends_on_the_changed_knob(repo):
     run(["git", "commit", "-q", "-m", "results"], repo)
     runs = yaml.safe_load((repo / "params.yaml").read_text())["runs"]
     out = run(["dvc", "exp", "run", "-S", "finetune.epochs=2"], repo)
-    assert stages_run(out) == {f"finetune@{r}" for r in runs} | {"figures"}
+    assert stages_run(out) == stages("finetune", runs) | {"small_data", "figures"}
     out = run(["dvc", "exp", "run", "-S", "evaluation.knn_k=5"], repo)
-    assert stages_run(out) == {f"evaluate@{r}" for r in runs} | {"figures"}
+    assert stages_run(out) == (stages("evaluate", runs) | {f"pixels@{s}" for s in SEEDS}
+                               | {"small_data", "figures"})
     # a key the run does not set yet is added with a leading `+` (DVC's override syntax)
     out = run(["dvc", "exp", "run", "-S", "+runs.pemae.method.lambda_cls=0.5"], repo)
-    assert stages_run(out) == {"pretrain@pemae", "evaluate@pemae", "finetune@pemae", "figures"}
+    assert stages_run(out) == (stages("pretrain", ["pemae"]) | stages("evaluate", ["pemae"])
+                               | stages("finetune", ["pemae"]) | {"small_data", "figures"})

@@ -14,8 +14,10 @@ from conftest import fashion_mnist_installed, needs_fashion_mnist, run_pretrain,
 from pemae import checkpoint
 from pemae.config import ConfigError, EvalConfig, build_config
 from pemae.encoder import build_encoder
-from pemae.evaluate import evaluate_encoder, knn_accuracy, linear_probe_accuracy
-from pemae.finetune import classifier_from_encoder, finetune
+from pemae import finetune as finetune_module
+from pemae.evaluate import (encoder_readouts, evaluate_encoder, evaluate_pixels, knn_accuracy,
+                           linear_probe_accuracy, pixel_readout)
+from pemae.finetune import classifier_from_encoder, finetune, protocol
 from pemae.pretrain import peak_lr, pretrain
 from pemae.runtime import MetricLog, pick_device, read_log
 from pemae.schedules import warmup_cosine
@@ -240,10 +242,37 @@ def test_linear_probe_random_labels_near_chance_and_deterministic():
 def test_evaluate_encoder_end_to_end(tiny_run):
     cfg = tiny_run.cfg
     result = evaluate_encoder(cfg, tiny_run.out_dir / "encoder.pt", progress=False)
-    assert set(result) == {"knn_top1", "linear_top1"}
+    assert set(result) == {"val", "test"}
+    for split in ("val", "test"):
+        assert set(result[split]) == {"cls", "avg"}
+        for readout in ("cls", "avg"):
+            assert set(result[split][readout]) == {"knn_top1", "linear_top1"}
+            assert all(0 <= v <= 100 for v in result[split][readout].values())
     # Fashion-MNIST has 10 balanced classes: even a barely trained ViT's features beat chance
-    assert 20 < result["knn_top1"] <= 100
-    assert 0 <= result["linear_top1"] <= 100
+    assert 20 < result["test"]["cls"]["knn_top1"] <= 100
+
+
+def test_readouts_are_the_cls_token_and_the_mean_patch_token():
+    torch.manual_seed(0)
+    cfg = build_config("tiny")
+    encoder = build_encoder(cfg.model, cfg.data).eval()
+    imgs = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        tokens = encoder.forward_features(imgs)  # [3, 1+49, 64]
+        feats = encoder_readouts(encoder)(imgs)
+    assert torch.equal(feats["cls"], tokens[:, 0])
+    assert torch.allclose(feats["avg"], tokens[:, 1:].mean(1))
+    assert torch.equal(pixel_readout(imgs)["pixels"], imgs.reshape(3, -1))
+
+
+@needs_fashion_mnist
+def test_pixel_baseline_scores_val_and_test_without_an_encoder():
+    cfg = tiny_config(evaluation={"linear_epochs": 3})
+    result = evaluate_pixels(cfg, progress=False)
+    assert set(result) == {"val", "test"} and set(result["test"]) == {"pixels"}
+    # raw pixels of Fashion-MNIST are far above chance for k-NN even with 460 training images
+    assert result["test"]["pixels"]["knn_top1"] > 50
+    assert result == evaluate_pixels(cfg, progress=False)  # deterministic
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,13 +332,29 @@ def test_finetune_end_to_end_from_a_tiny_pretrain(tiny_run, tmp_path):
     summary = finetune(cfg, tiny_run.out_dir / "encoder.pt", tmp_path / "ft", progress=False)
     written = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert written == summary
-    assert 0 <= written["finetune_top1"] <= 100
+    assert 0 <= written["val_top1"] <= 100 and 0 <= written["test_top1"] <= 100
     assert written["epochs"] == 1 and written["labelled_images"] == cfg.finetune.train_subset
+    assert written["protocol"] == "fine-tuned (layer decay 0.75)"
     columns, rows = read_csv(tmp_path / "ft" / "log.csv")
-    assert columns == ["step", "epoch", "loss", "test_top1"]
+    assert columns == ["step", "epoch", "loss", "val_top1"]  # the test split is not in the log
     assert len(rows) == 1 and int(rows[0]["step"]) == 256 // 64
-    assert float(rows[0]["test_top1"]) == pytest.approx(written["finetune_top1"], abs=0.01)
+    assert float(rows[0]["val_top1"]) == pytest.approx(written["val_top1"], abs=0.01)
     assert math.isfinite(float(rows[0]["loss"]))
+
+
+def test_finetune_search_leaves_the_test_split_unread(tiny_run, tmp_path, monkeypatch):
+    read = []
+    real = finetune_module.build_dataset
+    monkeypatch.setattr(finetune_module, "build_dataset",
+                        lambda cfg, split, transform: read.append(split) or real(cfg, split, transform))
+    summary = finetune(tiny_run.cfg, tiny_run.out_dir / "encoder.pt", tmp_path / "ft",
+                       progress=False, test=False)
+    assert "test" not in read and "test_top1" not in summary and "val_top1" in summary
+
+
+def test_an_unpretrained_encoder_is_labelled_from_scratch():
+    cfg = build_config("tiny", {"pretrain": {"epochs": 0}, "finetune": {"layer_decay": 1.0}})
+    assert protocol(cfg) == "from scratch (layer decay 1)"
 
 
 @needs_fashion_mnist

@@ -1,0 +1,74 @@
+"""One trial of a search on the validation split, appended as a JSON line to a log.
+
+    python study/trial.py finetune ENCODER OUT [section.key=value ...]     # fine-tuning recipe
+    python study/trial.py small_data RUN OUT [section.key=value ...]      # digits, one run
+
+`finetune` fine-tunes an exported encoder (e.g. results/runs/mae/seed0/pretrain/encoder.pt) with
+params.yaml's `mae` run config plus the overrides; `small_data` pretrains, evaluates and
+fine-tunes one run of params.yaml on scikit-learn's digits as the small_data stage does (32 px,
+40 pretraining and 20 fine-tuning epochs unless overridden). Both score the validation split
+only — the test split is never read — and append {"trial", "sets", figures, "seconds"} to
+results/search/<kind>.jsonl (`--log` to change it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from pemae.cli import parse_sets
+from pemae.config import deep_merge, load_params
+from pemae.evaluate import evaluate_encoder
+from pemae.finetune import finetune
+from pemae.pretrain import pretrain
+from pemae.small_data import write_digits_imagefolder
+
+DIGITS = {"img_size": 32, "pretrain_epochs": 40, "finetune_epochs": 20}
+
+
+def finetune_trial(encoder: Path, out: Path, sets: list[str]) -> dict:
+    cfg = load_params("params.yaml", "mae", parse_sets(sets))
+    summary = finetune(cfg, encoder, out, progress=False, test=False)
+    return {"encoder": str(encoder), "val_top1": summary["val_top1"]}
+
+
+def small_data_trial(run: str, out: Path, sets: list[str]) -> dict:
+    root = write_digits_imagefolder(Path.home() / ".cache" / "pemae" / "digits")
+    digits = {"data": {"dataset": "imagefolder", "root": str(root), "img_size": DIGITS["img_size"],
+                       "in_chans": 1, "train_subset": 0, "test_subset": 0},
+              "finetune": {"epochs": DIGITS["finetune_epochs"], "train_subset": 0}}
+    if load_params("params.yaml", run).pretrain.epochs > 0:
+        digits["pretrain"] = {"epochs": DIGITS["pretrain_epochs"]}
+    cfg = load_params("params.yaml", run, deep_merge(digits, parse_sets(sets)))
+    pretrain(cfg, out / "pretrain", progress=False)
+    probes = evaluate_encoder(cfg, out / "pretrain" / "encoder.pt", progress=False)["val"]
+    tuned = finetune(cfg, out / "pretrain" / "encoder.pt", out / "finetune", progress=False, test=False)
+    return {"run": run, "val": probes, "finetune_val_top1": tuned["val_top1"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["finetune", "small_data"])
+    parser.add_argument("subject", help="the encoder (finetune) or the run (small_data)")
+    parser.add_argument("out", type=Path, help="scratch folder for the trial's files")
+    parser.add_argument("sets", nargs="*", metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--log", type=Path, default=None)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    if args.kind == "finetune":
+        figures = finetune_trial(Path(args.subject), args.out, args.sets)
+    else:
+        figures = small_data_trial(args.subject, args.out, args.sets)
+    record = {"trial": args.kind, "sets": args.sets, **figures,
+              "seconds": round(time.perf_counter() - start, 1)}
+    log = args.log or Path("results/search") / f"{args.kind}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
