@@ -44,6 +44,18 @@ def write_digits_imagefolder(root: str | Path, test_fraction: float = 0.2, seed:
     return root
 
 
+def digits_overrides(root: str | Path, img_size: int, pretrain_epochs: int, finetune_epochs: int,
+                     pretrained: bool) -> dict:
+    """The config overrides that move a run onto the digits folder at `root`: only the data and
+    the epoch counts change; an unpretrained run (`pretrained` False) keeps its 0 epochs."""
+    overrides = {"data": {"dataset": "imagefolder", "root": str(root), "img_size": img_size,
+                          "in_chans": 1, "train_subset": 0, "test_subset": 0},
+                 "finetune": {"epochs": finetune_epochs, "train_subset": 0}}
+    if pretrained:
+        overrides["pretrain"] = {"epochs": pretrain_epochs}
+    return overrides
+
+
 def scores(evaluation: dict, finetune: dict, split: str) -> dict[str, float]:
     """The figures the check compares, from a run's evaluate and fine-tune results."""
     out = {f"{metric}_{readout}": values[metric]

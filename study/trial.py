@@ -23,7 +23,7 @@ from pemae.config import deep_merge, load_params
 from pemae.evaluate import evaluate_encoder
 from pemae.finetune import finetune
 from pemae.pretrain import pretrain
-from pemae.small_data import write_digits_imagefolder
+from pemae.small_data import digits_overrides, write_digits_imagefolder
 
 DIGITS = {"img_size": 32, "pretrain_epochs": 40, "finetune_epochs": 20}
 
@@ -36,11 +36,8 @@ def finetune_trial(encoder: Path, out: Path, sets: list[str]) -> dict:
 
 def small_data_trial(run: str, out: Path, sets: list[str]) -> dict:
     root = write_digits_imagefolder(Path.home() / ".cache" / "pemae" / "digits")
-    digits = {"data": {"dataset": "imagefolder", "root": str(root), "img_size": DIGITS["img_size"],
-                       "in_chans": 1, "train_subset": 0, "test_subset": 0},
-              "finetune": {"epochs": DIGITS["finetune_epochs"], "train_subset": 0}}
-    if load_params("params.yaml", run).pretrain.epochs > 0:
-        digits["pretrain"] = {"epochs": DIGITS["pretrain_epochs"]}
+    pretrained = load_params("params.yaml", run).pretrain.epochs > 0
+    digits = digits_overrides(root, **DIGITS, pretrained=pretrained)
     cfg = load_params("params.yaml", run, deep_merge(digits, parse_sets(sets)))
     pretrain(cfg, out / "pretrain", progress=False)
     probes = evaluate_encoder(cfg, out / "pretrain" / "encoder.pt", progress=False)["val"]

@@ -8,8 +8,9 @@ from PIL import Image
 from sklearn import datasets as sklearn_datasets
 
 from pemae import data
-from pemae.config import build_config
-from pemae.small_data import check_not_worse_than_random, scores, write_digits_imagefolder
+from pemae.config import build_config, deep_merge
+from pemae.small_data import (check_not_worse_than_random, digits_overrides, scores,
+                              write_digits_imagefolder)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,15 @@ def test_check_names_every_figure_below_the_random_encoder():
     results["mae"]["knn_top1_cls"] = 70.0
     results["pemae"]["finetune_top1"] = 80.5
     assert check_not_worse_than_random(results) == []  # equal is not worse
+
+
+def test_digits_overrides_change_only_the_data_and_the_epochs(digits_root):
+    runs = {"mae": {"method": {"name": "mae"}}, "random": {"pretrain": {"epochs": 0}}}
+    for run, pretrained in (("mae", True), ("random", False)):
+        cfg = build_config("tiny", None, runs[run])
+        overrides = digits_overrides(digits_root, 32, 40, 20, pretrained)
+        moved = build_config("tiny", None, deep_merge(runs[run], overrides))
+        assert moved.data.root == str(digits_root) and moved.data.img_size == 32
+        assert moved.finetune.epochs == 20
+        assert moved.pretrain.epochs == (40 if pretrained else 0)
+        assert moved.model == cfg.model and moved.method == cfg.method
