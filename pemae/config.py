@@ -104,6 +104,7 @@ class MethodConfig:
     recon_loss: str = knob("mse", one_of("mse", "cosine"))
     teacher_view: str = knob("full", one_of("full", "multifold"))  # multifold: masked patches only
     folds: int = knob(4, POSITIVE)  # teacher_view multifold: masked patches split in F folds
+    views: int = knob(1, one_of(1, 2))  # 2: the CLS pseudo label comes from a second view (ours)
     balancing: str = knob("centering", one_of("centering", "sinkhorn"))
     sinkhorn_iterations: int = knob(3, POSITIVE)
     lambda_rec: float = knob(1.0, NON_NEGATIVE)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pemae.config import Config, build_config, deep_merge
-from pemae.model import build_pretrain_model
+from pemae.model import build_pretrain_model, stand_in_view2
 from pemae.optim import param_groups
 from pemae.pretrain import peak_lr, train_step
 from pemae.results import markdown_table
@@ -157,14 +157,14 @@ def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.
     """
     weights = distinct_bytes([*model.parameters(), *model.buffers()], device)
     with saved_for_backward(set(weights)) as saved:
-        train_step(model, optimizer, imgs, device, step)
+        train_step(model, optimizer, imgs, device, step, view2=stand_in_view2(model, imgs))
     state = distinct_bytes(state_tensors(model, optimizer), device)  # after: grads and AdamW state exist
     row = {"state_mb": sum(state.values()) / MB, "saved_mb": sum(saved.values()) / MB}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        train_step(model, optimizer, imgs, device, step + 1)
+        train_step(model, optimizer, imgs, device, step + 1, view2=stand_in_view2(model, imgs))
         torch.cuda.synchronize(device)
         rise = torch.cuda.max_memory_allocated(device) - before
         row.update(peak_memory_mb=row["state_mb"] + rise / MB, memory_kind="cuda_peak_allocated")
@@ -184,10 +184,11 @@ def _sync(device: torch.device) -> None:
 def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                 device: torch.device, first_step: int, count: int, amp: str = "auto") -> float:
     """Seconds per step over `count` consecutive training steps (synchronised at both ends only)."""
+    view2 = stand_in_view2(model, imgs)  # [B, C, H, W] or None
     _sync(device)
     start = time.perf_counter()
     for i in range(count):
-        train_step(model, optimizer, imgs, device, first_step + i, amp)
+        train_step(model, optimizer, imgs, device, first_step + i, amp, view2=view2)
     _sync(device)
     return (time.perf_counter() - start) / count
 
@@ -257,7 +258,7 @@ def measure_step_cost(cfg: Config, variants: dict[str, dict] = COST_VARIANTS,
                                       lr=peak_lr(batch, pc.base_lr), betas=tuple(pc.betas))
         step = first_measured_step(model)
         for _ in range(warmup):
-            train_step(model, optimizer, imgs, device, step)
+            train_step(model, optimizer, imgs, device, step, view2=stand_in_view2(model, imgs))
             step += 1
         models[name], optimizers[name], next_step[name] = model, optimizer, step
         rows[name] = {

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from pemae.config import Config, ConfigError, build_config
 from pemae.cost import (COST_VARIANTS, build_variant, first_measured_step, format_table,
                         resolve_device, timed_steps)
+from pemae.model import stand_in_view2
 from pemae.optim import param_groups
 from pemae.pretrain import peak_lr, train_step
 
@@ -110,11 +111,12 @@ def flops_per_image(cfg: Config, method_overrides: dict, batch: int = 2,
     model = build_variant(cfg, method_overrides).train()
     optimizer = _optimizer(model, cfg, batch)
     imgs = _images(cfg, batch)  # [B, C, H, W]
+    view2 = stand_in_view2(model, imgs)  # [B, C, H, W] or None
     step = first_measured_step(model)
     with _flop_counter() as train:
-        train_step(model, optimizer, imgs, torch.device("cpu"), step, amp="off")
+        train_step(model, optimizer, imgs, torch.device("cpu"), step, amp="off", view2=view2)
     with torch.no_grad(), _flop_counter() as forward:
-        model(imgs, step + 1)
+        model(imgs, step + 1, view2=view2)
     return {"variant": variant or method_overrides.get("name", "?"),
             "train_flops_per_image": train.get_total_flops() / batch,
             "forward_flops_per_image": forward.get_total_flops() / batch}

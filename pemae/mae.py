@@ -150,9 +150,11 @@ class MaskedAutoencoder(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs: torch.Tensor, step: int = 0, noise: torch.Tensor | None = None,
-                monitor: bool = True) -> dict[str, torch.Tensor]:
+                monitor: bool = True, view2: None = None) -> dict[str, torch.Tensor]:
         """One MAE step: returns the loss plus the prediction and mask for figures (MAE has no
-        monitors: `monitor` is there for the common signature)."""
+        monitors and takes one view: `monitor` and `view2` are there for the common signature)."""
+        if view2 is not None:
+            raise ValueError("MAE takes one view per image, got a second one (view2)")
         masking = random_masking(imgs.shape[0], self.num_patches, self.mask_ratio, imgs.device, noise)
         latent = self.forward_encoder(imgs, masking)  # [B, 1+V, D]
         pred = self.decoder_pred(self.forward_decoder(latent, masking))  # [B, N, p*p*C]

@@ -12,6 +12,9 @@ Nandam et al., "Pseudo Labelling for Enhanced Masked Autoencoders", BMVC 2024. O
    the centres move towards the mean teacher logits of the step (all micro-batches, all processes).
 
 `teachers: single` uses one EMA teacher (one forward pass) for both targets and pseudo labels.
+`views: 2` (ours, iBOT / DINO): the labelling teacher also sees a second augmented view of each
+image, and the student's CLS logits are trained against that view's pseudo label (cross-view);
+token targets and token pseudo labels stay on the student's own view (same patch positions).
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ def teacher_features(encoder: nn.Module, imgs: torch.Tensor, masking: Masking, v
         tokens = torch.cat([o[:, 1:] for o in outs], dim=1)  # [B, M, D] in ids_masked order
     tokens = F.layer_norm(tokens.float(), tokens.shape[-1:])  # [B, M, D], no affine
     return encoder.norm(cls), tokens
+
+
+def teacher_cls(encoder: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """A teacher's CLS feature (final norm) of whole images: [B, C, H, W] -> [B, D]."""
+    return encoder.norm(encode_patches(encoder, imgs)[:, 0])
 
 
 # ---------------------------------------------------------------------------- target monitors
@@ -106,6 +114,7 @@ class PEMAE(nn.Module):
             self.student.decoder_pred.requires_grad_(False)
         self.use_cls = m.lambda_cls > 0
         self.use_tok = m.lambda_tok > 0
+        self.views = num_views(cfg)
 
         # ---------------------------------------------------------------- student heads
         self.token_head = (nn.Linear(cfg.model.decoder_dim, cfg.model.embed_dim)
@@ -182,9 +191,16 @@ class PEMAE(nn.Module):
 
     # ------------------------------------------------------------------------ one step
     def forward(self, imgs: torch.Tensor, step: int = 0, noise: torch.Tensor | None = None,
-                monitor: bool = True) -> dict[str, torch.Tensor]:
-        """One step's losses; `monitor=False` skips the collapse monitors (steps not logged)."""
+                monitor: bool = True, view2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One step's losses; `monitor=False` skips the collapse monitors (steps not logged).
+
+        `view2` [B, C, H, W]: the second view of each image, needed exactly when `self.views == 2`.
+        """
         m, student = self.method, self.student
+        if (view2 is not None) != (self.views == 2):
+            raise ValueError(f"this model takes {self.views} view(s) per image (method.views = "
+                             f"{m.views}, lambda_cls = {m.lambda_cls}), got "
+                             f"{1 if view2 is None else 2}")
         masking = random_masking(imgs.shape[0], student.num_patches, student.mask_ratio, imgs.device,
                                  noise)
         latent = student.forward_encoder(imgs, masking)  # [B, 1+V, D]
@@ -192,11 +208,18 @@ class PEMAE(nn.Module):
         out: dict[str, torch.Tensor] = {"mask": masking.mask}
 
         # ---------------------------------------------------------------- teacher targets
-        with torch.no_grad():  # one pass per distinct teacher: (CLS [B, D], tokens at M [B, M, D])
-            seen = {name: teacher_features(t["encoder"], imgs, masking, m.teacher_view, m.folds)
-                    for name, t in self.teacher_set.items()}
-        _, rec_tokens = seen.get(self._teacher_key("rec"), (None, None))
-        lab_cls, lab_tokens = seen.get(self._teacher_key("lab"), (None, None))
+        rec_key, lab_key = self._teacher_key("rec"), self._teacher_key("lab")
+        on_view1 = {rec_key} if self.token_target else set()  # teachers that see the student's view
+        if self.use_tok or (self.use_cls and view2 is None):
+            on_view1.add(lab_key)
+        with torch.no_grad():  # one pass per teacher and view: (CLS [B, D], tokens at M [B, M, D])
+            seen = {name: teacher_features(self.teacher_set[name]["encoder"], imgs, masking,
+                                           m.teacher_view, m.folds)
+                    for name in self.teacher_set if name in on_view1}
+            _, rec_tokens = seen.get(rec_key, (None, None))
+            lab_cls, lab_tokens = seen.get(lab_key, (None, None))
+            if view2 is not None:  # cross-view: the CLS pseudo label of the other view
+                lab_cls = teacher_cls(self.lab_teacher["encoder"], view2)  # [B, D]
 
         # ---------------------------------------------------------------- reconstruction
         if self.token_target:
@@ -307,6 +330,19 @@ def collapse_report(terms: dict[str, float], num_prototypes: int) -> dict:
     if report:
         report["collapsed"] = any(v for k, v in report.items() if k.endswith("_collapsed"))
     return report
+
+
+def num_views(cfg: Config) -> int:
+    """Augmented views per image a pretraining step takes: 2 only for PEMAE's cross-view CLS
+    pseudo labels (`method.views: 2` with `lambda_cls > 0`); MAE and the rest take one."""
+    m = cfg.method
+    return 2 if m.name == "pemae" and m.views == 2 and m.lambda_cls > 0 else 1
+
+
+def stand_in_view2(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor | None:
+    """For a fixed batch (benchmarks, FLOP counts): the second view a two-view model needs, here
+    the images flipped left-right [B, C, H, W]; None for a one-view model."""
+    return imgs.flip(-1) if getattr(model, "views", 1) == 2 else None
 
 
 def build_pretrain_model(cfg: Config, total_steps: int, steps_per_epoch: int) -> nn.Module:

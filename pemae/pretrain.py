@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pemae import checkpoint, distributed
 from pemae.config import Config, ConfigError, build_config, config_differences
 from pemae.data import build_dataset, pretrain_transform, skipped_images
-from pemae.model import build_pretrain_model, collapse_report
+from pemae.model import build_pretrain_model, collapse_report, num_views
 from pemae.optim import param_groups, set_lr
 from pemae.runtime import (MetricLog, amp_dtype, autocast, peak_memory_mb, read_log, rng_state,
                            seed_everything, set_rng_state)
@@ -88,17 +88,18 @@ def micro_batch_size(batch_size: int, accum_steps: int, world_size: int) -> int:
 # --------------------------------------------------------------------------------------------
 def micro_step(net: nn.Module, imgs: torch.Tensor, step: int, device: torch.device, amp: str = "auto",
                noise: torch.Tensor | None = None, scaler: torch.amp.GradScaler | None = None,
-               loss_weight: float = 1.0, sync: bool = True, monitor: bool = True) -> dict[str, torch.Tensor]:
+               loss_weight: float = 1.0, sync: bool = True, monitor: bool = True,
+               view2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch; gradients add up until the update.
 
     `net` may be DDP-wrapped; `sync=False` skips its gradient all-reduce (all but the last
-    micro-batch of a step). Returns the model's scalars (loss terms and, with `monitor`, the
-    collapse monitors), detached.
+    micro-batch of a step); `view2` is the second view of a two-view model. Returns the model's
+    scalars (loss terms and, with `monitor`, the collapse monitors), detached.
     """
     no_sync = getattr(net, "no_sync", None)
     with no_sync() if (no_sync is not None and not sync) else nullcontext():
         with autocast(device, amp):
-            out = net(imgs, step, noise=noise, monitor=monitor)
+            out = net(imgs, step, noise=noise, monitor=monitor, view2=view2)
         loss = out["loss"].float() * loss_weight
         (scaler.scale(loss) if scaler is not None else loss).backward()
     return {k: v.detach() for k, v in out.items() if v.ndim == 0}
@@ -118,11 +119,12 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                device: torch.device, step: int, amp: str = "auto",
-               noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               noise: torch.Tensor | None = None, view2: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
     """One whole step on one batch in one process: forward, backward, update (student), then
     the model's own update (teachers, centres). Returns the model's scalars, detached."""
     optimizer.zero_grad(set_to_none=True)
-    terms = micro_step(model, imgs, step, device, amp, noise)
+    terms = micro_step(model, imgs, step, device, amp, noise, view2=view2)
     apply_update(model, optimizer, step)
     return terms
 
@@ -240,7 +242,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
 
     student = getattr(model, "student", model)
     loader = DataLoader(
-        SeededViews(dataset, pc.seed, student.num_patches),
+        SeededViews(dataset, pc.seed, student.num_patches, num_views(cfg)),
         batch_sampler=GlobalBatchSampler(len(dataset), pc.batch_size, total_steps, pc.seed,
                                          procs.world_size, procs.rank, pc.accum_steps, start_step),
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
@@ -265,7 +267,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
     window_start, window_step = time.perf_counter(), start_step
     terms: dict[str, torch.Tensor] = {}
     model.train()
-    for i, (imgs, noise) in enumerate(loader):
+    for i, (imgs, noise, *second) in enumerate(loader):  # second: [view2] under views: 2
         a = i % pc.accum_steps
         if a == 0:
             set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
@@ -275,7 +277,8 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
         micro_terms = micro_step(net, imgs.to(device, non_blocking=True), step, device, pc.amp,
                                  noise.to(device, non_blocking=True), scaler,
                                  loss_weight=1 / pc.accum_steps, sync=a == pc.accum_steps - 1,
-                                 monitor=logged)
+                                 monitor=logged,
+                                 view2=second[0].to(device, non_blocking=True) if second else None)
         for k, v in micro_terms.items():  # [] each: the step's mean over its micro-batches
             terms[k] = terms.get(k, 0.0) + v / pc.accum_steps
         if a < pc.accum_steps - 1:

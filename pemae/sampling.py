@@ -4,8 +4,9 @@ Every random choice about the data is a function of (seed, epoch, image index) a
 
 - each epoch visits the images in a permutation seeded by (seed, epoch); step k of the epoch takes
   the k-th `batch_size` block of it, split into micro-batches over processes and accumulation;
-- each image's augmentation and its masking noise are drawn from a generator seeded by
-  (seed, epoch, index), in whichever DataLoader worker loads it.
+- each image's augmentation and its masking noise (and, with `views=2`, a second augmentation of
+  the same image, drawn after them) come from a generator seeded by (seed, epoch, index), in
+  whichever DataLoader worker loads it.
 
 So a run's batches do not depend on the number of processes, `accum_steps`, `num_workers`, or on
 being resumed mid-epoch: one process with batch 2B, two with B each, and B with 2 accumulation
@@ -29,27 +30,35 @@ def mixed_seed(*parts: int) -> int:
 
 
 class SeededViews(Dataset):
-    """Items keyed by `epoch * len(dataset) + index`: (augmented image, masking noise [N]).
+    """Items keyed by `epoch * len(dataset) + index`: (augmented image, masking noise [N]), and
+    with `views=2` a second augmented view of the same image after them.
 
     The wrapped dataset's transform and the noise draw from torch's RNG, seeded per item; the
-    caller's RNG state is left as it was.
+    caller's RNG state is left as it was. The first view and the noise are the same whatever
+    `views` is: the second view is drawn last.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, num_patches: int):
+    def __init__(self, dataset: Dataset, seed: int, num_patches: int, views: int = 1):
+        if views not in (1, 2):
+            raise ValueError(f"views = {views}: must be 1 or 2")
         self.dataset = dataset
         self.seed = seed
         self.num_patches = num_patches
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, ...]:
         epoch, index = divmod(key, len(self.dataset))
         with torch.random.fork_rng(devices=[]):  # the CPU generator only (CUDA's is untouched)
             torch.random.default_generator.manual_seed(mixed_seed(self.seed, epoch, index))
             img, _ = self.dataset[index]  # [C, H, W]
             noise = torch.rand(self.num_patches)  # [N]
-        return img, noise
+            if self.views == 1:
+                return img, noise
+            second, _ = self.dataset[index]  # [C, H, W], a fresh crop and flip of the same image
+        return img, noise, second
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

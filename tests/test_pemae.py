@@ -639,6 +639,7 @@ VARIANTS = {
     "multifold": ({"teacher_view": "multifold"}, {"cls", "tok"}, {"rec", "lab"}),
     "cosine": ({"recon_loss": "cosine"}, {"cls", "tok"}, {"rec", "lab"}),
     "pixel": ({"recon_target": "pixel", "lambda_tok": 0}, {"cls"}, {"lab"}),
+    "two_views": ({"views": 2}, {"cls", "tok"}, {"rec", "lab"}),
 }
 
 
