@@ -350,7 +350,7 @@ def config_differences(old: dict, new: dict, sections: tuple[str, ...] = SECTION
             for k in sorted(a.keys() | b.keys()) if k not in ignore and a.get(k) != b.get(k)]
 
 
-PIPELINE_KEYS = ("preset", "runs", "seeds", "comparisons", "ablations", "small_data")  # params.yaml's keys besides SECTIONS
+PIPELINE_KEYS = ("preset", "runs", "seeds", "comparisons", "claims", "ablations", "small_data")  # params.yaml's keys besides SECTIONS
 
 
 def with_seed(overrides: dict | None, seed: int | None) -> dict:
@@ -371,9 +371,18 @@ def config_for_run(preset: str, sections: dict, runs: dict | None, run: str | No
     With `runs` None (a notebook run on its own) the run has no overrides of its own.
     """
     if runs is not None and run is not None and run not in runs:
-        raise ConfigError(f"run {run!r} is not defined under `runs:`{where} (known: {', '.join(runs)})")
+        raise ConfigError(f"run {run!r} is not defined under `runs:` or `ablations:`{where} "
+                          f"(known: {', '.join(runs)})")
     run_overrides = deep_merge((runs or {}).get(run) or {} if run else {}, overrides)
     return build_config(preset, sections, with_seed(run_overrides, seed))
+
+
+def named_runs(runs: dict | None, ablations: dict | None = None) -> dict | None:
+    """Every run a stage may name: params.yaml `runs:` (the pipeline's) and `ablations:` (trained
+    by study/dvc.yaml); None when both are None (a notebook run on its own)."""
+    if runs is None and ablations is None:
+        return None
+    return {**(ablations or {}), **(runs or {})}
 
 
 def read_params(path: str | Path = "params.yaml") -> dict:
@@ -395,5 +404,6 @@ def load_params(path: str | Path = "params.yaml", run: str | None = None,
     `overrides` (nested sections) on top of the run's own, and the pipeline `seed`."""
     params = read_params(path)
     sections = {k: params.get(k) for k in SECTIONS}
-    return config_for_run(params.get("preset", "default"), sections, params.get("runs") or {}, run,
+    return config_for_run(params.get("preset", "default"), sections,
+                          named_runs(params.get("runs") or {}, params.get("ablations")), run,
                           seed, overrides, where=f" in {path}")

@@ -5,9 +5,10 @@ Layout read here (one folder per run and seed):
     results/runs/<run>/seed<s>/evaluate.json           {split: {readout: {knn_top1, linear_top1}}}
     results/runs/<run>/seed<s>/finetune/summary.json   val_top1, test_top1, protocol, ...
 
-Three steps: `gather` (one row per run, seed and readout), `summarise` (mean ± sample std over
-seeds), `paired_differences` (run a minus run b, seed by seed); `write_results` does all three
-for both splits and writes results.md, results_val.md and results.json.
+Steps: `gather` (one row per run, seed and readout), `summarise` (mean ± sample std over seeds),
+`paired_differences` (run a minus run b, seed by seed), `claim_verdicts` (one paired comparison
+per claim of the paper, judged holds / does not hold / within noise); `write_results` does them
+all for both splits and writes results.md, results_val.md and results.json.
 """
 
 from __future__ import annotations
@@ -241,6 +242,59 @@ def paired_differences(rows: list[dict], pairs: list[list[str]],
 
 
 # --------------------------------------------------------------------------------------------
+# The paper's claims: one paired comparison each, with a verdict per metric
+# --------------------------------------------------------------------------------------------
+CLAIM_METRICS = (("cls", "knn_top1"), ("cls", "linear_top1"), (None, "finetune_top1"))
+CLAIM_COLUMNS = ["claim", "a − b", "k-NN (CLS)", "linear (CLS)", "fine-tune"]
+
+
+def claim_verdict(diff: dict | None) -> str:
+    """The paper says a beats b: "holds" (a better beyond noise), "does not hold" (b better
+    beyond noise), "within noise", or "not run" (no seed has both runs)."""
+    if diff is None:
+        return "not run"
+    if diff["verdict"] == "within noise":
+        return "within noise"
+    return "holds" if diff["mean"] > 0 else "does not hold"
+
+
+def claim_verdicts(rows: list[dict], claims: dict[str, list[str]]) -> list[dict]:
+    """For each claim {text: [a, b]} (the paper: a beats b), the paired difference a − b and its
+    verdict on each of CLAIM_METRICS (same rule as `paired_differences`).
+
+    Each row: claim, a, b, and per metric "<readout>/<metric>": {mean, std, n, verdict} or
+    {verdict: "not run"}.
+    """
+    out = []
+    for claim, (a, b) in claims.items():
+        diffs = {(d["readout_a"], d["metric"]): d for d in paired_differences(rows, [[a, b]])}
+        row = {"claim": claim, "a": a, "b": b}
+        for readout, metric in CLAIM_METRICS:
+            diff = diffs.get((readout, metric))
+            found = {} if diff is None else {k: diff[k] for k in ("mean", "std", "n")}
+            row[f"{readout}/{metric}"] = {**found, "verdict": claim_verdict(diff)}
+        out.append(row)
+    return out
+
+
+def claims_markdown(claim_rows: list[dict]) -> str:
+    """The verdict per claim and metric as a markdown table, with the rule under it."""
+    cells = []
+    for row in claim_rows:
+        cell = {"claim": row["claim"], "a − b": f"{row['a']} − {row['b']}"}
+        for (readout, metric), column in zip(CLAIM_METRICS, CLAIM_COLUMNS[2:]):
+            found = row[f"{readout}/{metric}"]
+            cell[column] = (found["verdict"] if "mean" not in found else
+                            f"{found['mean']:+.2f} ± {found['std']:.2f} ({found['n']}): {found['verdict']}")
+        cells.append(cell)
+    rule = ("The paper's direction is a > b. Per-seed differences a − b (mean ± sample std, seeds); "
+            "holds / does not hold: a / b better by more than the larger of the two runs' seed std; "
+            "otherwise within noise. Not run: the runs are not in results/runs (params.yaml "
+            "`ablations:` lists how to train them).")
+    return markdown_table(cells, CLAIM_COLUMNS, fmt=str) + "\n" + rule + "\n"
+
+
+# --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
 def format_cell(value) -> str:
@@ -331,35 +385,65 @@ def paired_markdown(diff_rows: list[dict]) -> str:
 # Writing
 # --------------------------------------------------------------------------------------------
 def split_results(results_dir: str | Path, runs: list[str], seeds: list[int], pairs: list[list[str]],
-                  split: str) -> dict[str, list[dict]]:
-    """{"seeds": per-seed rows, "summary": mean ± std rows, "paired": paired differences} on `split`."""
+                  split: str, claims: dict[str, list[str]] | None = None) -> dict[str, list[dict]]:
+    """{"seeds": per-seed rows, "summary": mean ± std rows, "paired": paired differences,
+    "claims": verdicts per claim} on `split`."""
     rows = gather(results_dir, runs, seeds, split)
-    return {"seeds": rows, "summary": summarise(rows), "paired": paired_differences(rows, pairs)}
+    return {"seeds": rows, "summary": summarise(rows), "paired": paired_differences(rows, pairs),
+            "claims": claim_verdicts(rows, claims or {})}
 
 
 def _keyed(results: dict[str, list[dict]]) -> dict[str, dict]:
     """Rows keyed by what they describe (dvc metrics diffs dicts key by key, not lists)."""
     key = {"seeds": lambda r: f"{r['run']}/seed{r['seed']}/{r['readout']}",
            "summary": lambda r: f"{r['run']}/{r['readout']}",
-           "paired": lambda r: f"{r['a']}-{r['b']}/{r['readout_a']}-{r['readout_b']}/{r['metric']}"}
+           "paired": lambda r: f"{r['a']}-{r['b']}/{r['readout_a']}-{r['readout_b']}/{r['metric']}",
+           "claims": lambda r: f"{r['a']}-{r['b']}"}
     return {part: {key[part](r): r for r in rows} for part, rows in results.items()}
 
 
 def _report(results: dict[str, list[dict]], split: str) -> str:
-    return (f"## Results ({split} split)\n\n" + results_markdown(results["summary"])
+    claims = (f"## The paper's claims ({split} split)\n\n" + claims_markdown(results["claims"]) + "\n"
+              if results["claims"] else "")
+    return (claims + f"## Results ({split} split)\n\n" + results_markdown(results["summary"])
             + f"\n## Paired differences ({split} split)\n\n" + paired_markdown(results["paired"]))
 
 
-def write_results(results_dir: str | Path, runs: list[str], seeds: list[int],
-                  pairs: list[list[str]]) -> dict[str, dict[str, list[dict]]]:
+def write_results(results_dir: str | Path, runs: list[str], seeds: list[int], pairs: list[list[str]],
+                  claims: dict[str, list[str]] | None = None) -> dict[str, dict[str, list[dict]]]:
     """Write results.md (test split), results_val.md (validation split) and results.json.
 
-    Returns {split: {"seeds", "summary", "paired"}} for both splits, for the figures.
+    `claims` {text: [a, b]}: the paper's claims, each judged a − b (the caller passes those whose
+    runs are among `runs`, as for `pairs`). Returns {split: {"seeds", "summary", "paired",
+    "claims"}} for both splits, for the figures.
     """
     results_dir = Path(results_dir)
-    results = {split: split_results(results_dir, runs, seeds, pairs, split) for split in SPLITS}
+    results = {split: split_results(results_dir, runs, seeds, pairs, split, claims) for split in SPLITS}
     (results_dir / "results.md").write_text(_report(results["test"], "test"))
     (results_dir / "results_val.md").write_text(_report(results["val"], "validation"))
     metrics = {split: _keyed(parts) for split, parts in results.items()}
     (results_dir / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return results
+
+
+def write_claims(out_dir: str | Path, results_dirs: list[str | Path], seeds: list[int],
+                 claims: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Judge every claim on the runs found under any of `results_dirs` (the pipeline's runs, the
+    ablation runs of study/dvc.yaml; a run found in an earlier folder wins) and write claims.md
+    (both splits) and claims.json into `out_dir`. Returns {split: claim rows}."""
+    found: dict[str, Path] = {}
+    for folder in results_dirs:
+        for run in run_names(folder):
+            found.setdefault(run, Path(folder))
+    verdicts = {}
+    for split in SPLITS:
+        rows = [row for run, folder in found.items() for row in gather(folder, [run], seeds, split)]
+        verdicts[split] = claim_verdicts(rows, claims)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "claims.md").write_text("".join(
+        f"## The paper's claims ({name} split)\n\n" + claims_markdown(verdicts[split]) + "\n"
+        for split, name in (("test", "test"), ("val", "validation"))))
+    keyed = {split: {f"{r['a']}-{r['b']}": r for r in rows} for split, rows in verdicts.items()}
+    (out_dir / "claims.json").write_text(json.dumps(keyed, indent=2) + "\n")
+    return verdicts

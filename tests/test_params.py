@@ -39,3 +39,7 @@ def test_every_ablation_run_resolves_and_the_pipeline_keys_are_consistent():
     known = set(params["runs"]) | {"pixels"}
     assert all(len(pair) == 2 and set(pair) <= known for pair in params["comparisons"])
     assert set(params["small_data"]["runs"]) <= set(params["runs"])
+    named = set(params["runs"]) | set(params["ablations"])
+    assert params["claims"] and all(len(pair) == 2 and set(pair) <= named for pair in params["claims"].values())
+    for run in params["ablations"]:  # an ablation run resolves by name, as the study stage asks
+        assert load_params(PARAMS, run, seed=1).pretrain.seed == 1

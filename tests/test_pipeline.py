@@ -2,7 +2,8 @@
 
 `dvc repro` builds every stage (every run with two seeds, the raw-pixel baseline, the figures and
 the cost); a second `dvc repro` does nothing; `dvc exp run -S` on a knob reruns only the stages
-that depend on it; the small-data check of `study/dvc.yaml` runs on its own.
+that depend on it; the small-data check, an ablation run and the claims table of `study/dvc.yaml`
+run on their own, outside the main pipeline.
 """
 
 import json
@@ -50,7 +51,8 @@ def repo(tmp_path_factory) -> Path:
     small_data = {"runs": default["small_data"]["runs"], "img_size": 16, "pretrain_epochs": 1,
                   "finetune_epochs": 1, "seed": 0, "enforce": False}
     params = {"preset": "tiny", "seeds": SEEDS, **build_config("tiny").to_dict(),
-              "runs": default["runs"], "comparisons": default["comparisons"], "small_data": small_data}
+              "runs": default["runs"], "comparisons": default["comparisons"], "claims": default["claims"],
+              "ablations": default["ablations"], "small_data": small_data}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
@@ -103,3 +105,19 @@ def test_the_small_data_check_runs_from_the_study_pipeline(repo):
     assert set(summary["test"]) == set(summary["val"]) == set(runs)
     assert isinstance(summary["failures"], list)  # enforce: false here, so listed, not raised
     assert "| random |" in (repo / "results" / "small_data" / "results.md").read_text()
+
+
+def test_an_ablation_run_and_the_claims_table_run_from_the_study_pipeline(repo):
+    out = run(["dvc", "repro", "study/dvc.yaml:ablation@token_recon-0"], repo)
+    assert stages_run(out) == {"study/dvc.yaml:ablation@token_recon-0"}
+    run_dir = repo / "results" / "ablations" / "runs" / "token_recon" / "seed0"
+    saved = yaml.safe_load((run_dir / "pretrain" / "config.yaml").read_text())
+    assert saved["method"]["teachers"] == "single" and saved["method"]["lambda_cls"] == 0.0
+    assert (run_dir / "evaluate.json").is_file() and (run_dir / "finetune" / "summary.json").is_file()
+    out = run(["dvc", "repro", "--single-item", "study/dvc.yaml:claims"], repo)  # no upstream ablations
+    assert stages_run(out) == {"study/dvc.yaml:claims"}
+    claims = json.loads((repo / "results" / "claims.json").read_text())["test"]
+    assert claims["pemae-mae"]["cls/knn_top1"]["n"] == len(SEEDS)  # the pipeline's runs
+    assert claims["token_recon-mae"]["cls/knn_top1"]["n"] == 1  # the one ablation seed trained
+    assert claims["pemae-single_teacher"]["cls/knn_top1"] == {"verdict": "not run"}
+    assert stages_run(run(["dvc", "repro"], repo)) == set()  # the main pipeline is untouched

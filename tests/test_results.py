@@ -9,8 +9,8 @@ import math
 import pytest
 
 from pemae import figures
-from pemae.results import (RunPaths, gather, paired_differences, paired_markdown, results_markdown,
-                           summarise, write_results)
+from pemae.results import (RunPaths, claim_verdicts, claims_markdown, gather, paired_differences,
+                           paired_markdown, results_markdown, summarise, write_claims, write_results)
 
 SEEDS = [0, 1, 2]
 RUNS = ["pemae", "mae", "random", "pixels"]
@@ -208,7 +208,7 @@ def test_write_results_writes_both_splits_and_json(tree):
     assert "| pemae | CLS | 82.00 ± 2.00 |" in test_md and "pemae − mae" in test_md
     assert "| pemae | CLS | 82.50 ± 2.00 |" in val_md and "validation" in val_md
     metrics = json.loads((tree / "results.json").read_text())
-    assert set(metrics) == {"test", "val"} and set(metrics["test"]) == {"seeds", "summary", "paired"}
+    assert set(metrics) == {"test", "val"} and set(metrics["test"]) == {"seeds", "summary", "paired", "claims"}
     assert metrics["val"]["summary"]["pemae/cls"]["knn_top1_mean"] == 82.5
     assert metrics["test"]["seeds"]["mae/seed1/avg"]["linear_top1"] == 85.0
     assert metrics["test"]["paired"]["pemae-mae/cls-cls/knn_top1"]["verdict"] == "pemae better"
@@ -244,3 +244,66 @@ def test_curves_draw_the_reference_lines_the_caller_passes(tmp_path):
     assert not loss.lines
     assert not figures.curves({"a": log}, ["cls_perplexity"]).axes[0].lines[1:]  # no lines unless asked
     assert figures.save(fig, tmp_path / "monitors.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's claims
+# --------------------------------------------------------------------------------------------
+CLAIMS = {"PEMAE beats MAE": ["pemae", "mae"], "MAE beats PEMAE": ["mae", "pemae"],
+          "random beats MAE": ["random", "mae"], "two teachers beat one": ["pemae", "single_teacher"]}
+
+
+def test_claim_verdicts_read_the_paired_differences_in_the_papers_direction(tree):
+    rows = {r["claim"]: r for r in claim_verdicts(gather(tree, RUNS, SEEDS), CLAIMS)}
+    pemae_mae = rows["PEMAE beats MAE"]
+    assert (pemae_mae["a"], pemae_mae["b"]) == ("pemae", "mae")
+    assert pemae_mae["cls/knn_top1"] == {"mean": 11.0, "std": 1.0, "n": 3, "verdict": "holds"}
+    assert pemae_mae["cls/linear_top1"]["verdict"] == "within noise"  # diffs 1, 0, -1
+    assert pemae_mae["None/finetune_top1"]["verdict"] == "within noise"  # |1| <= noise 1
+    reverse = rows["MAE beats PEMAE"]
+    assert reverse["cls/knn_top1"]["mean"] == -11.0 and reverse["cls/knn_top1"]["verdict"] == "does not hold"
+    random = rows["random beats MAE"]  # random 40-42 vs mae 70-72: far below
+    assert random["cls/knn_top1"]["verdict"] == "does not hold"
+    assert random["None/finetune_top1"]["verdict"] == "does not hold"  # 81 vs 90, noise 1
+    ghost = rows["two teachers beat one"]  # single_teacher never ran
+    assert all(ghost[k] == {"verdict": "not run"} for k in ("cls/knn_top1", "cls/linear_top1",
+                                                            "None/finetune_top1"))
+
+
+def test_claims_markdown_gives_a_cell_per_metric_and_the_rule(tree):
+    text = claims_markdown(claim_verdicts(gather(tree, RUNS, SEEDS), CLAIMS))
+    assert "| PEMAE beats MAE | pemae − mae | +11.00 ± 1.00 (3): holds | +0.00 ± 1.00 (3): within noise |" in text
+    assert "| two teachers beat one | pemae − single_teacher | not run | not run | not run |" in text
+    assert "direction is a > b" in text
+
+
+def test_write_results_puts_the_claims_first(tree):
+    results = write_results(tree, ["pemae", "mae"], SEEDS, [], claims={"PEMAE beats MAE": ["pemae", "mae"]})
+    text = (tree / "results.md").read_text()
+    assert text.startswith("## The paper's claims (test split)")
+    assert results["val"]["claims"][0]["cls/knn_top1"]["verdict"] == "holds"
+    metrics = json.loads((tree / "results.json").read_text())
+    assert metrics["test"]["claims"]["pemae-mae"]["claim"] == "PEMAE beats MAE"
+    write_results(tree, ["pemae", "mae"], SEEDS, [])
+    assert (tree / "results.md").read_text().startswith("## Results (test split)")  # no claims: no section
+
+
+def test_write_claims_reads_runs_from_several_folders(tree, tmp_path_factory):
+    """The ablation runs live in their own folder; a run in the first folder wins."""
+    ablations = tmp_path_factory.mktemp("ablations")
+    for i, seed in enumerate(SEEDS):  # single_teacher: pemae's CLS k-NN minus 20
+        knn = PROBES["pemae"]["cls"]["knn_top1"][i] - 20
+        write_json(RunPaths(ablations, "single_teacher", seed).evaluation,
+                   {"test": {"cls": {"knn_top1": knn, "linear_top1": 0.0}}, "val": {}})
+        write_json(RunPaths(ablations, "pemae", seed).evaluation,  # shadowed by the tree's pemae
+                   {"test": {"cls": {"knn_top1": 0.0, "linear_top1": 0.0}}, "val": {}})
+    out = tmp_path_factory.mktemp("out")
+    verdicts = write_claims(out, [tree, ablations], SEEDS, CLAIMS)
+    rows = {r["claim"]: r for r in verdicts["test"]}
+    assert rows["two teachers beat one"]["cls/knn_top1"] == {"mean": 20.0, "std": 0.0, "n": 3, "verdict": "holds"}
+    assert rows["PEMAE beats MAE"]["cls/knn_top1"]["mean"] == 11.0  # the tree's pemae, not the shadow
+    val_rows = {r["claim"]: r for r in verdicts["val"]}
+    assert val_rows["two teachers beat one"]["cls/knn_top1"] == {"verdict": "not run"}  # no val figures
+    text = (out / "claims.md").read_text()
+    assert "## The paper's claims (test split)" in text and "## The paper's claims (validation split)" in text
+    assert json.loads((out / "claims.json").read_text())["test"]["pemae-single_teacher"]["b"] == "single_teacher"
