@@ -141,6 +141,9 @@ class PretrainConfig:
     log_every: int = knob(10, POSITIVE)  # steps between logged rows
     checkpoint_every: int = knob(100, NON_NEGATIVE)  # steps between `last.pt` saves; 0 = end only
     resume: bool = True  # continue from `last.pt` of an interrupted run with the same config
+    # a folder that holds a completed run (its checkpoint.pt): false = nothing to do with the same
+    # config, refused with another; true (`--force`) = train again and replace it
+    overwrite: bool = False
 
 
 @dataclass
@@ -209,13 +212,18 @@ def deep_merge(base: dict, override: dict | None) -> dict:
     return out
 
 
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _coerce(key: str, value: Any, annotation: Any, errors: list[str]) -> Any:
-    """Check `value` against a field annotation; ints are accepted for floats."""
+    """Check `value` against a field annotation, appending "key = value: expected ..." to `errors`
+    on a mismatch. Ints are accepted (and converted) for floats, as are YAML 1.1's number strings
+    such as `1e-3`; a bool is never taken for a number, nor a number for a bool."""
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
-            errors.append(f"{key}: expected a list, got {value!r}")
+            errors.append(f"{key} = {value!r}: expected a list, got {value!r}")
             return value
         return [_coerce(f"{key}[{i}]", v, item_type, errors) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
@@ -225,13 +233,16 @@ def _coerce(key: str, value: Any, annotation: Any, errors: list[str]) -> Any:
             return float(value)
         except ValueError:
             pass
-    if annotation is bool and not isinstance(value, bool):
-        errors.append(f"{key}: expected true or false, got {value!r}")
-    elif annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
-        errors.append(f"{key}: expected an integer, got {value!r}")
-    elif annotation in (float, str) and not isinstance(value, annotation):
-        errors.append(f"{key}: expected a {annotation.__name__}, got {value!r}")
+    if annotation in TYPE_NAMES and not _is_a(value, annotation):
+        errors.append(f"{key} = {value!r}: expected {TYPE_NAMES[annotation]}, got {value!r}")
     return value
+
+
+def _is_a(value: Any, annotation: type) -> bool:
+    """isinstance, except that a bool is not a number (YAML's `true` is no count)."""
+    if isinstance(value, bool):
+        return annotation is bool
+    return isinstance(value, annotation)
 
 
 def _build_section(name: str, cls: type, values: dict, errors: list[str]):
@@ -247,13 +258,14 @@ def _build_section(name: str, cls: type, values: dict, errors: list[str]):
     for key, f in fields.items():
         if key not in values:
             continue
+        reported = len(errors)
         value = _coerce(f"{name}.{key}", values[key], hints[key], errors)
         check = f.metadata.get("check")
-        if check is not None and not isinstance(value, list):
-            try:
+        if check is not None and len(errors) == reported and not isinstance(value, list):
+            try:  # only values of the right type get here: a type error is reported alone
                 ok = check(value)
             except TypeError:
-                ok = False  # a type error was reported above
+                ok = False
             if not ok:
                 errors.append(f"{name}.{key} = {value!r}: {f.metadata['what']}")
         kwargs[key] = value
@@ -324,8 +336,9 @@ def build_config(
     cfg = Config(**built)
     if not errors:
         _cross_checks(cfg, errors)
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    if errors:  # one error on one line, several one per line
+        raise ConfigError("invalid configuration:" + ("\n  " if len(errors) > 1 else " ")
+                          + "\n  ".join(errors))
     return cfg
 
 
@@ -385,12 +398,29 @@ def named_runs(runs: dict | None, ablations: dict | None = None) -> dict | None:
     return {**(ablations or {}), **(runs or {})}
 
 
+def yaml_error(source: str, err: yaml.YAMLError) -> ConfigError:
+    """A YAML syntax error as one line naming `source` (a file, or a --set), line and column."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return ConfigError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else ""))
+
+
 def read_params(path: str | Path = "params.yaml") -> dict:
-    """The params file as a dict, its top-level keys checked."""
+    """The params file as a dict, its top-level keys checked; a missing file, broken YAML or a
+    file that is not a mapping raise a ConfigError naming the file (and the line and column)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file {path} does not exist")
-    params = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"params file {path} does not exist (run from the repository root, or "
+                          "name the file with --params)")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise yaml_error(str(path), err) from err
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys (preset, data, model, ...), "
+                          f"got a {type(params).__name__}")
     unknown = sorted(set(params) - set(SECTIONS) - set(PIPELINE_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)} "

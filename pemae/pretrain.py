@@ -4,7 +4,10 @@ many (DDP under `torchrun`), with gradient accumulation and exact resume.
 Files written into `out_dir` (rank 0 only):
   last.pt        the full training state, every `pretrain.checkpoint_every` steps while the run is
                  unfinished; a restarted run with the same config continues from it
-  checkpoint.pt  the same state at the end (last.pt renamed once everything else is written)
+  last.prev.pt   the checkpoint before last.pt: a restart falls back to it when last.pt is unreadable
+  checkpoint.pt  the same state at the end (last.pt renamed once everything else is written); a
+                 rerun into a folder that holds it has nothing to do (same config), is refused
+                 (another config), or with `pretrain.overwrite` trains again and replaces it
   encoder.pt     the student encoder alone, for timm
   config.yaml    the resolved config
   log.csv        per-step metrics (loss terms, lr, images/s, peak memory); continued on resume
@@ -16,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,7 +44,7 @@ from pemae.schedules import warmup_cosine, warmup_step_count
 # it computes (the batches do not depend on processes, accumulation or workers: pemae.sampling).
 RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
                   "pretrain.device", "pretrain.amp", "pretrain.accum_steps", "pretrain.log_every",
-                  "pretrain.checkpoint_every", "pretrain.resume")
+                  "pretrain.checkpoint_every", "pretrain.resume", "pretrain.overwrite")
 PRETRAIN_SECTIONS = ("data", "model", "method", "pretrain")
 
 
@@ -175,14 +180,45 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
             "seconds": seconds, "config": cfg.to_dict()}
 
 
-def resume(path: Path, cfg: Config, steps_per_epoch: int, model: nn.Module,
-           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict:
-    """Load an interrupted run's state from `path` into the model, optimiser, scaler and RNGs.
+def interrupted_state(paths: list[Path]) -> tuple[Path, dict] | None:
+    """The state of an interrupted run: the first of `paths` (last.pt, then last.prev.pt) that
+    exists and loads, with its path; None when none exists.
+
+    An unreadable file is named with its reason in a warning and the next one is tried; when every
+    file that exists is unreadable, DamagedCheckpointError gives the command that starts over.
+    """
+    damaged: list[Path] = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            state = checkpoint.load(path)
+        except checkpoint.DamagedCheckpointError as err:
+            print(f"WARNING: {err}", file=sys.stderr)
+            damaged.append(path)
+            continue
+        if damaged:
+            print(f"WARNING: resuming from the previous checkpoint, {path} (step {state['step']})",
+                  file=sys.stderr)
+        return path, state
+    if damaged:
+        names, several = " and ".join(p.name for p in damaged), len(damaged) > 1
+        raise checkpoint.DamagedCheckpointError(
+            f"cannot resume the run in {damaged[0].parent}: {names} {'are' if several else 'is'} "
+            "unreadable (see the warnings above) and no earlier checkpoint is left; to start the "
+            f"run over, delete {'them' if several else 'it'}: "
+            f"rm {' '.join(shlex.quote(str(p)) for p in damaged)}")
+    return None
+
+
+def resume(path: Path, state: dict, cfg: Config, steps_per_epoch: int, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Load an interrupted run's `state` (read from `path`) into the model, optimiser, scaler and
+    RNGs.
 
     The config must match the saved one except for `RESUMABLE_KEYS`; otherwise a ConfigError
     names every differing key.
     """
-    state = checkpoint.load(path)
     differences = config_differences(state["config"], cfg.to_dict(), PRETRAIN_SECTIONS, RESUMABLE_KEYS)
     if differences:
         raise ConfigError(
@@ -198,7 +234,33 @@ def resume(path: Path, cfg: Config, steps_per_epoch: int, model: nn.Module,
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return state
+
+
+def completed_run(final_path: Path, cfg: Config, device: torch.device,
+                  is_main: bool) -> tuple[nn.Module, dict]:
+    """A rerun into a folder that holds a completed run (`final_path`, its checkpoint.pt).
+
+    With the same config (but for `RESUMABLE_KEYS`) there is nothing to do: nothing is written, and
+    the run's model and summary (summary.json; {} on other ranks than 0) are returned. With another
+    config a ConfigError names every differing key.
+    """
+    out_dir = final_path.parent
+    state = checkpoint.load(final_path)
+    differences = config_differences(state["config"], cfg.to_dict(), PRETRAIN_SECTIONS, RESUMABLE_KEYS)
+    if differences:
+        raise ConfigError(
+            f"{out_dir} holds a completed run with a different config (checkpoint -> now):\n  "
+            + "\n  ".join(differences)
+            + "\nSet those keys back, write to another --out folder, or train again over it with "
+              "--force (pretrain.overwrite: true).")
+    model, _ = model_from_state(state)
+    if not is_main:
+        return model.to(device), {}
+    print(f"run in {out_dir} is complete (step {state['step']}); nothing to do (--force or "
+          "pretrain.overwrite: true trains it again)")
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"steps": state["step"]}
+    return model.to(device), summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +270,9 @@ def pretrain(cfg: Config, out_dir: str | Path, progress: bool = True) -> tuple[n
     """Pretrain `cfg.method` into `out_dir` (see the module docstring for the files).
 
     One process by default; under `torchrun` one DDP process per device. Returns the trained
-    model and the summary (the summary on rank 0 only; other ranks get {}).
+    model and the summary (the summary on rank 0 only; other ranks get {}). An interrupted run in
+    `out_dir` is resumed; a completed one is returned as saved when the config is the same (and
+    refused when it is not) unless `pretrain.overwrite` trains it again.
     """
     procs, device = distributed.start(cfg.pretrain.device)
     try:
@@ -229,15 +293,24 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
     steps_per_epoch = len(dataset) // pc.batch_size
     total_steps = pc.epochs * steps_per_epoch
 
+    last_path, prev_path = out_dir / "last.pt", out_dir / "last.prev.pt"
+    final_path = out_dir / "checkpoint.pt"
+    found = interrupted_state([last_path, prev_path]) if pc.resume else None
+    if found is None and final_path.is_file():
+        if not pc.overwrite:
+            return completed_run(final_path, cfg, device, main)
+        if main:
+            print(f"pretrain.overwrite: training again over the completed run in {out_dir}")
+
     model = build_pretrain_model(cfg, total_steps, steps_per_epoch).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=pc.amp == "fp16")
-    last_path, final_path = out_dir / "last.pt", out_dir / "checkpoint.pt"
-    state = resume(last_path, cfg, steps_per_epoch, model, optimizer, scaler) \
-        if pc.resume and last_path.is_file() else {}
+    resumed_path, state = found or (None, {})
+    if found:
+        resume(resumed_path, state, cfg, steps_per_epoch, model, optimizer, scaler)
     start_step, seconds_before = state.get("step", 0), state.get("seconds", 0.0)
-    del state
-    last_good = (f"the last good checkpoint, {last_path} (step {start_step}), is untouched"
+    del state, found
+    last_good = (f"the last good checkpoint, {resumed_path} (step {start_step}), is untouched"
                  if start_step else "no checkpoint had been written yet")
 
     student = getattr(model, "student", model)
@@ -257,7 +330,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
               f"{steps_per_epoch} steps; {procs.world_size} process(es) x {micro} images x "
               f"{pc.accum_steps} accumulation step(s) = batch {pc.batch_size}; base lr "
               f"{pc.base_lr:g} -> lr {lr:g}; device {device.type}, {str(precision)[6:]}"
-              + (f"; resuming at step {start_step} from {last_path}" if start_step else ""))
+              + (f"; resuming at step {start_step} from {resumed_path}" if start_step else ""))
 
     log = MetricLog(out_dir / "log.csv", keep_until=start_step if start_step else None) if main else None
     guard = FiniteLossGuard()
@@ -306,7 +379,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
             distributed.check_replicas_agree(model)
             if main:
                 checkpoint.save_atomic(training_state(model, optimizer, scaler, cfg, step, total_steps,
-                                                      steps_per_epoch, seconds), last_path)
+                                                      steps_per_epoch, seconds), last_path, prev_path)
             last_good = f"the last good checkpoint, {last_path} (step {step}), is untouched"
     bar.close()
     guard.check(last_good)
@@ -316,13 +389,14 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
 
     log.close()
     checkpoint.save_atomic(training_state(model, optimizer, scaler, cfg, step, total_steps,
-                                          steps_per_epoch, seconds), last_path)
+                                          steps_per_epoch, seconds), last_path, prev_path)
     checkpoint.export_encoder(model.encoder, cfg, out_dir / "encoder.pt")
     summary = run_summary(out_dir / "log.csv", cfg, step, seconds, device, procs.world_size)
     if summary.get("collapsed"):
         print(f"WARNING: this run collapsed (its pseudo labels or its token targets): {summary}")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(last_path, final_path)  # the run is complete: nothing left to resume
+    prev_path.unlink(missing_ok=True)
     return model, summary
 
 
@@ -341,12 +415,17 @@ def run_summary(log_path: Path, cfg: Config, steps: int, seconds: float, device:
             **(collapse_report(last, cfg.method.num_prototypes) if steps else {})}
 
 
-def load_pretrained(path: str | Path) -> tuple[nn.Module, Config]:
-    """Rebuild a pretraining model (student, heads, teachers) from its checkpoint, in eval mode."""
-    state = checkpoint.load(path)
+def model_from_state(state: dict) -> tuple[nn.Module, Config]:
+    """The pretraining model (student, heads, teachers) of a loaded checkpoint, and its config."""
     cfg = build_config("default", state["config"])
     # the schedule lengths only shape training: absent, any value rebuilds the same modules
     model = build_pretrain_model(cfg, state.get("total_steps", state["step"]),
                                  state.get("steps_per_epoch", 1))
     model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def load_pretrained(path: str | Path) -> tuple[nn.Module, Config]:
+    """Rebuild a pretraining model (student, heads, teachers) from its checkpoint, in eval mode."""
+    model, cfg = model_from_state(checkpoint.load(path))
     return model.eval(), cfg

@@ -163,3 +163,72 @@ def test_interrupted_save_leaves_the_existing_checkpoint_intact(tmp_path, monkey
     assert path.read_bytes() == before
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
     assert not list(tmp_path.glob(".*.tmp"))  # the half-written temp file is cleaned up
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged files, and the previous checkpoint kept beside the newest
+# --------------------------------------------------------------------------------------------
+def truncate(raw: bytes) -> bytes:
+    return raw[: len(raw) // 2]
+
+
+def zero_fill(raw: bytes) -> bytes:
+    return bytes(len(raw))
+
+
+def flip_a_bit_in_the_tensor_data(raw: bytes) -> bytes:
+    """One bit flipped in the middle of the file: inside the tensor data, which torch.load alone
+    would read without complaint."""
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x01
+    return bytes(flipped)
+
+
+DAMAGES = {
+    "truncated": (truncate, "not a valid checkpoint archive"),
+    "zero-filled": (zero_fill, "not a valid checkpoint archive"),
+    "bit-flipped": (flip_a_bit_in_the_tensor_data, "fails its CRC-32 check"),
+    "empty": (lambda raw: b"", "the file is empty (0 bytes)"),
+}
+
+
+def saved_weights(path, n=4096, seed=0) -> dict:
+    blob = {"w": torch.randn(n, generator=torch.Generator().manual_seed(seed)), "step": seed}
+    checkpoint.save_atomic(blob, path)
+    return blob
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_checkpoint_is_named_with_the_reason(tmp_path, kind):
+    path = tmp_path / "last.pt"
+    saved_weights(path)
+    damage, reason = DAMAGES[kind]
+    path.write_bytes(damage(path.read_bytes()))
+    assert checkpoint.damage(path) is not None
+    with pytest.raises(checkpoint.DamagedCheckpointError) as err:
+        checkpoint.load(path)
+    assert str(err.value).startswith(f"checkpoint {path} is unreadable: ") and reason in str(err.value)
+
+
+def test_an_intact_checkpoint_has_no_damage(tmp_path):
+    blob = saved_weights(tmp_path / "ck.pt")
+    assert checkpoint.damage(tmp_path / "ck.pt") is None
+    assert torch.equal(checkpoint.load(tmp_path / "ck.pt")["w"], blob["w"])
+
+
+def test_saving_keeps_the_previous_good_checkpoint(tmp_path):
+    last, prev = tmp_path / "last.pt", tmp_path / "last.prev.pt"
+    checkpoint.save_atomic({"step": 1}, last, prev)
+    assert not prev.exists()  # nothing before the first
+    checkpoint.save_atomic({"step": 2}, last, prev)
+    checkpoint.save_atomic({"step": 3}, last, prev)
+    assert checkpoint.load(last)["step"] == 3 and checkpoint.load(prev)["step"] == 2
+
+
+def test_a_damaged_newest_checkpoint_is_not_kept_as_the_previous_one(tmp_path):
+    last, prev = tmp_path / "last.pt", tmp_path / "last.prev.pt"
+    checkpoint.save_atomic({"step": 1}, last, prev)
+    checkpoint.save_atomic({"step": 2}, last, prev)
+    last.write_bytes(truncate(last.read_bytes()))
+    checkpoint.save_atomic({"step": 3}, last, prev)
+    assert checkpoint.load(last)["step"] == 3 and checkpoint.load(prev)["step"] == 1

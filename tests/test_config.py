@@ -85,6 +85,20 @@ def test_wrong_type_is_rejected_naming_the_key(section, key, value):
     assert f"{section}.{key}" in config_error({section: {key: value}})
 
 
+@pytest.mark.parametrize("section,key,value,message", [
+    ("pretrain", "epochs", "two", "pretrain.epochs = 'two': expected an integer, got 'two'"),
+    ("pretrain", "epochs", 2.5, "pretrain.epochs = 2.5: expected an integer, got 2.5"),
+    ("pretrain", "base_lr", True, "pretrain.base_lr = True: expected a number, got True"),
+    ("data", "hflip", 1, "data.hflip = 1: expected true or false, got 1"),
+    ("data", "root", 3, "data.root = 3: expected a string, got 3"),
+    ("data", "mean", 0.5, "data.mean = 0.5: expected a list, got 0.5"),
+    ("data", "mean", ["a"], "data.mean[0] = 'a': expected a number, got 'a'"),
+])
+def test_a_wrong_type_is_reported_as_a_type_error_alone(section, key, value, message):
+    msg = config_error({section: {key: value}})
+    assert msg == f"invalid configuration: {message}"  # one error on one line, no range error
+
+
 def test_a_number_written_as_a_yaml_1_1_string_is_accepted_for_a_float():
     assert build_config("default", {"pretrain": {"base_lr": "1e-3"}}).pretrain.base_lr == 1e-3
 
@@ -253,6 +267,23 @@ def test_load_params_unknown_run_is_named(tmp_path):
 def test_load_params_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_broken_yaml_names_the_params_file_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("preset: tiny\npretrain:\n  epochs: 2\n   batch_size: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value) == (f"{path}, line 4, column 14: invalid YAML: mapping values are not "
+                              "allowed here")
+
+
+def test_a_params_file_that_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- preset\n- tiny\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path}: expected a mapping") and "got a list" in str(err.value)
 
 
 def test_load_params_reports_bad_values(tmp_path):

@@ -289,10 +289,14 @@ def test_parse_sets():
             parse_sets([bad])
 
 
-def test_cli_reports_a_bad_key_before_training(tmp_path):
-    with pytest.raises(ConfigError, match="pretrain.epoch: unknown key"):
+def test_cli_reports_a_bad_key_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         cli_main(["pretrain", "--preset", "tiny", "--set", "pretrain.epoch=2", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "pretrain.epoch: unknown key" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="pretrain.epoch: unknown key"):  # --debug: the exception
+        cli_main(["pretrain", "--preset", "tiny", "--set", "pretrain.epoch=2", "--out", str(tmp_path),
+                  "--debug"])
 
 
 CLI_SETS = ["data.download=false", "pretrain.device=cpu", "method.num_prototypes=32",
@@ -376,10 +380,13 @@ def test_cli_resolves_a_params_run_with_sets_on_top(tmp_path):
 
     params = tmp_path / "params.yaml"
     params.write_text("preset: tiny\npretrain:\n  epochs: 3\nruns:\n  a:\n    model:\n      depth: 3\n")
-    args = type("Args", (), {"preset": None, "run": "a", "params": params,
+    args = type("Args", (), {"preset": None, "run": "a", "params": params, "force": False,
                              "set": ["pretrain.seed=7", "model.mask_ratio=0.5"]})()
     cfg = resolve(args)
     assert (cfg.pretrain.epochs, cfg.model.depth, cfg.pretrain.seed, cfg.model.mask_ratio) == (3, 3, 7, 0.5)
+    assert not cfg.pretrain.overwrite
+    args.force = True  # --force sets pretrain.overwrite
+    assert resolve(args).pretrain.overwrite
     args.run = "ghost"
     with pytest.raises(ConfigError, match="ghost"):
         resolve(args)
