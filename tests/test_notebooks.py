@@ -61,3 +61,25 @@ def test_bad_parameter_fails_the_notebook_with_the_key_named(tmp_path):
             cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
         )
     assert not (tmp_path / "runs").exists()  # nothing was written before the error
+
+
+def test_stages_run_notebooks_quietly_with_the_pemae_engine(tmp_path):
+    """`papermill --engine pemae` (every stage of dvc.yaml) runs the kernel over an encrypted
+    connection, so ipykernel's plain-TCP warning is gone from the stage output."""
+    import subprocess
+    import sys
+
+    from papermill.engines import papermill_engines
+
+    from pemae.notebook_engine import EncryptedKernelEngine
+
+    assert papermill_engines.get_engine("pemae") is EncryptedKernelEngine
+    stages = (ROOT / "dvc.yaml").read_text() + (ROOT / "study" / "dvc.yaml").read_text()
+    assert "papermill notebooks/" not in stages and "papermill --engine pemae notebooks/" in stages
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "papermill"), str(ROOT / "notebooks" / "08_claims.ipynb"),
+         str(tmp_path / "out.ipynb"), "--engine", "pemae", "-p", "results_dir", str(tmp_path),
+         "--no-progress-bar"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "without encryption" not in proc.stdout + proc.stderr
+    assert (tmp_path / "claims.md").is_file()
