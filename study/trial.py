@@ -12,7 +12,8 @@ params.yaml's `mae` run config plus the overrides; `small_data` pretrains, evalu
 fine-tunes one run of params.yaml on scikit-learn's digits as the small_data stage does (32 px,
 40 pretraining and 20 fine-tuning epochs unless overridden). All score the validation split
 only — the test split is never read — and append {"trial", "sets", figures, "seconds"} to
-results/search/<kind>.jsonl (`--log` to change it).
+results/search/<kind>.jsonl (`--log` to change it), rewriting the table of all its trials beside
+it (<kind>.md).
 """
 
 from __future__ import annotations
@@ -74,6 +75,33 @@ def small_data_trial(run: str, out: Path, sets: list[str]) -> dict:
 TRIALS = {"pretrain": pretrain_trial, "finetune": finetune_trial, "small_data": small_data_trial}
 
 
+def flatten(record: dict, prefix: str = "") -> dict:
+    """{"val": {"cls": {"knn_top1": 1}}} -> {"val.cls.knn_top1": 1}: the leaves of a record."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def write_table(log: Path) -> Path:
+    """The trials of a search log as a markdown table beside it (<log>.md), in the order tried:
+    the overrides, then every figure the trials recorded (a dash where a trial has none)."""
+    records = [flatten(json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
+    columns = [c for c in dict.fromkeys(k for r in records for k in r) if c not in ("trial", "sets")]
+    lines = ["| # | overrides | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for i, r in enumerate(records, 1):
+        sets = ", ".join(f"`{s}`" for s in r.get("sets", [])) or "(defaults)"
+        lines.append(f"| {i} | {sets} | " + " | ".join(str(r.get(c, "–")) for c in columns) + " |")
+    table = log.with_suffix(".md")
+    table.write_text(f"Trials of `python study/trial.py {records[0].get('trial', '')}` "
+                     "(validation split only), in the order they were run; written from "
+                     f"{log.name}.\n\n" + "\n".join(lines) + "\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=list(TRIALS))
@@ -90,6 +118,7 @@ def main() -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    write_table(log)
     print(json.dumps(record))
 
 
