@@ -146,9 +146,23 @@ class PretrainConfig:
     overwrite: bool = False
 
 
+# timm's auto-augment policies (the first part of the policy string): RandAugment, AugMix,
+# AutoAugment, 3-Augment; "" = none
+AUTO_AUGMENT_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
+
+
+def _auto_augment_ok(value: str) -> bool:
+    return value == "" or value.split("-")[0] in AUTO_AUGMENT_POLICIES
+
+
 @dataclass
 class FinetuneConfig:
-    """Chosen on the validation split for the default preset (results/search/finetune.jsonl)."""
+    """Chosen on the validation split for the default preset (results/search/finetune.jsonl).
+
+    The augmentation knobs (auto_augment, re_prob) and the mixing knobs (mixup, cutmix) switch
+    to timm's implementations, MAE's fine-tuning recipe; at their defaults (off) the light
+    crop + flip path and the plain label-smoothed cross-entropy run unchanged.
+    """
 
     epochs: int = knob(1, POSITIVE)
     batch_size: int = knob(128, POSITIVE)
@@ -156,11 +170,20 @@ class FinetuneConfig:
     min_lr: float = knob(1e-6, NON_NEGATIVE)
     warmup_epochs: float = knob(0.1, NON_NEGATIVE)  # at least 5% of the steps (schedules.py)
     weight_decay: float = knob(0.05, NON_NEGATIVE)
+    betas: list[float] = knob([0.9, 0.999])  # AdamW's (MAE: torch's default)
     layer_decay: float = knob(0.75, HALF_OPEN_UNIT)  # 1 = none (training from scratch)
     drop_path: float = knob(0.1, UNIT)
-    label_smoothing: float = knob(0.1, UNIT)
+    label_smoothing: float = knob(0.1, UNIT)  # with mixup/cutmix: smooths the mixed targets
     global_pool: str = knob("avg", one_of("avg", "token"))
     crop_min_scale: float = knob(1.0, HALF_OPEN_UNIT)  # RandomResizedCrop(scale=(this, 1))
+    # timm's policy string, e.g. rand-m9-mstd0.5-inc1 (RandAugment 9, 0.5: MAE); "" = none
+    auto_augment: str = knob("", _check(_auto_augment_ok, "must be '' or a timm policy starting "
+                                        f"with one of {', '.join(AUTO_AUGMENT_POLICIES)}"))
+    re_prob: float = knob(0.0, UNIT)  # random erasing probability (timm, per-pixel noise)
+    mixup: float = knob(0.0, NON_NEGATIVE)  # mixup's Beta alpha (timm Mixup); 0 = off
+    cutmix: float = knob(0.0, NON_NEGATIVE)  # cutmix's Beta alpha; 0 = off
+    mixup_prob: float = knob(1.0, UNIT)  # chance that a batch is mixed (mixup or cutmix > 0)
+    mixup_switch_prob: float = knob(0.5, UNIT)  # chance of cutmix rather than mixup (both > 0)
     train_subset: int = knob(0, NON_NEGATIVE)  # labelled images used; 0 = the whole train split
     seed: int = 0
 
@@ -170,8 +193,11 @@ class EvalConfig:
     batch_size: int = knob(512, POSITIVE)  # feature extraction
     knn_k: int = knob(20, POSITIVE)
     knn_temperature: float = knob(0.07, POSITIVE)
+    linear_optimizer: str = knob("adamw", one_of("adamw", "lars"))  # lars: MAE's (timm's)
     linear_epochs: int = knob(100, POSITIVE)
-    linear_lr: float = knob(1e-3, POSITIVE)
+    linear_warmup_epochs: float = knob(0.0, NON_NEGATIVE)  # linear warm-up, then cosine decay
+    linear_lr: float = knob(1e-3, POSITIVE)  # the peak lr, unless linear_base_lr > 0
+    linear_base_lr: float = knob(0.0, NON_NEGATIVE)  # > 0: lr = this * batch / 256 (MAE's rule)
     linear_batch_size: int = knob(1024, POSITIVE)
     linear_weight_decay: float = knob(0.0, NON_NEGATIVE)
     seed: int = 0
@@ -291,8 +317,14 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
             errors.append(f"data.{key} has {len(values)} values but data.in_chans = {d.in_chans}")
     if any(s <= 0 for s in d.std):
         errors.append("data.std: every value must be > 0")
-    if len(cfg.pretrain.betas) != 2 or not all(0 <= b < 1 for b in cfg.pretrain.betas):
-        errors.append(f"pretrain.betas = {cfg.pretrain.betas}: expected two values in [0, 1)")
+    for section in ("pretrain", "finetune"):
+        betas = getattr(cfg, section).betas
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            errors.append(f"{section}.betas = {betas}: expected two values in [0, 1)")
+    fc = cfg.finetune
+    if (fc.mixup > 0 or fc.cutmix > 0) and fc.batch_size % 2:
+        errors.append(f"finetune.batch_size = {fc.batch_size}: mixup/cutmix (finetune.mixup = "
+                      f"{fc.mixup}, finetune.cutmix = {fc.cutmix}) need an even batch")
     me = cfg.method
     if me.name == "pemae" and me.recon_target == "pixel" and me.lambda_tok > 0:
         errors.append("method.lambda_tok needs method.recon_target = 'token' (data-token pseudo "

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.optim import Lars
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -25,6 +26,9 @@ from pemae.schedules import warmup_cosine
 
 
 Featuriser = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+LARS_MOMENTUM = 0.9  # MAE's LARS (its util/lars.py, from MoCo v3)
+LARS_TRUST_COEFF = 0.001
 
 
 def encoder_readouts(encoder: nn.Module) -> Featuriser:
@@ -74,10 +78,36 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return 100.0 * correct / len(test_x)
 
 
+def lars(module: nn.Module, weight_decay: float) -> torch.optim.Optimizer:
+    """timm's LARS as MAE's linear probe uses it: matrices get the trust ratio (even without
+    weight decay) and the decay; biases a plain momentum step, no decay (MAE's LARS skips
+    parameters with ndim <= 1). The lr is set every step (`set_lr`)."""
+    matrices = [p for p in module.parameters() if p.ndim > 1]
+    vectors = [p for p in module.parameters() if p.ndim <= 1]
+    return Lars([{"params": matrices, "weight_decay": weight_decay, "always_adapt": True},
+                 {"params": vectors, "weight_decay": 0.0, "always_adapt": False}],
+                lr=0.0, momentum=LARS_MOMENTUM, trust_coeff=LARS_TRUST_COEFF)
+
+
+def probe_optimizer(probe: nn.Module, cfg: EvalConfig) -> torch.optim.Optimizer:
+    """`evaluation.linear_optimizer`: AdamW (pemae's default) or LARS (MAE's)."""
+    if cfg.linear_optimizer == "lars":
+        return lars(probe, cfg.linear_weight_decay)
+    return torch.optim.AdamW(probe.parameters(), lr=cfg.linear_lr, weight_decay=cfg.linear_weight_decay)
+
+
+def probe_peak_lr(cfg: EvalConfig, batch: int) -> float:
+    """`linear_base_lr * batch / 256` (the linear scaling rule of pretraining and MAE, on the
+    batch actually used) when `linear_base_lr` > 0, else `linear_lr` as it stands. (Not
+    `pemae.pretrain.peak_lr`: the evaluation stages do not depend on the pretraining code.)"""
+    return cfg.linear_base_lr * batch / 256 if cfg.linear_base_lr > 0 else cfg.linear_lr
+
+
 def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, cfg: EvalConfig,
                        progress: bool = False) -> nn.Module:
     """MAE's linear probe on frozen features: BatchNorm without affine, then a linear layer,
-    trained with AdamW and a cosine schedule on the cached features (no augmentation)."""
+    trained with AdamW or LARS (`linear_optimizer`), linear warm-up and a cosine schedule, on
+    the cached features (no augmentation)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     num_classes = int(train_y.max()) + 1
@@ -85,17 +115,19 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, cfg: EvalCo
                           nn.Linear(train_x.shape[1], num_classes))
     nn.init.trunc_normal_(probe[1].weight, std=0.01)
     nn.init.zeros_(probe[1].bias)
-    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.linear_lr, weight_decay=cfg.linear_weight_decay)
+    opt = probe_optimizer(probe, cfg)
     batch = min(cfg.linear_batch_size, len(train_x))
     steps_per_epoch = len(train_x) // batch
     total = cfg.linear_epochs * steps_per_epoch
+    lr = probe_peak_lr(cfg, batch)
+    warmup = min(total, round(cfg.linear_warmup_epochs * steps_per_epoch))
     step = 0
     probe.train()
     for _ in tqdm(range(cfg.linear_epochs), disable=not progress, desc="linear probe epochs"):
         order = torch.randperm(len(train_x), generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            set_lr(opt, warmup_cosine(step, total, cfg.linear_lr, 0.0, 0))
+            set_lr(opt, warmup_cosine(step, total, lr, 0.0, warmup))
             loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

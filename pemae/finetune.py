@@ -4,7 +4,8 @@ AdamW with layer-wise lr decay, drop path, label smoothing, warm-up + cosine lr 
 global average pooling with a fresh norm (or the CLS token). Trained on the training split; the
 validation split is scored after every epoch (what the epoch count and the other knobs are chosen
 on), the test split once, at the end. The randomly initialised encoder fine-tuned with the same
-budget is the from-scratch baseline.
+budget is the from-scratch baseline. MAE's augmentation and mixing (RandAugment, random erasing,
+mixup, cutmix: timm's own implementations) are knobs, off by default (the `paper` preset sets them).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pemae import checkpoint
-from pemae.config import Config, ConfigError
-from pemae.data import build_dataset, eval_transform, finetune_transform, fixed_subset, num_classes
+from pemae.config import Config, ConfigError, FinetuneConfig
+from pemae.data import (build_dataset, eval_transform, finetune_train_transform, fixed_subset,
+                        num_classes)
 from pemae.encoder import build_encoder
 from pemae.optim import layer_decay_param_groups, set_lr
 from pemae.pretrain import peak_lr
@@ -62,6 +66,30 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
     return 100.0 * correct / total
 
 
+def mixing(fc: FinetuneConfig) -> bool:
+    """True when mixup or cutmix is on."""
+    return fc.mixup > 0 or fc.cutmix > 0
+
+
+def build_mixup(fc: FinetuneConfig, classes: int) -> Mixup | None:
+    """timm's Mixup as MAE sets it (per batch, label smoothing folded into the soft targets);
+    None when mixup and cutmix are both off (the hard-label path)."""
+    if not mixing(fc):
+        return None
+    return Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, prob=fc.mixup_prob,
+                 switch_prob=fc.mixup_switch_prob, mode="batch",
+                 label_smoothing=fc.label_smoothing, num_classes=classes)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor,
+                        label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy of logits [B, classes] against hard labels [B] (with label smoothing) or
+    against the soft targets [B, classes] of mixup/cutmix (timm's SoftTargetCrossEntropy)."""
+    if targets.ndim == 2:
+        return SoftTargetCrossEntropy()(logits, targets)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
 def protocol(cfg: Config) -> str:
     """What the fine-tuning run is: an encoder with no pretraining is trained from scratch."""
     kind = "from scratch" if cfg.pretrain.epochs == 0 else "fine-tuned"
@@ -79,7 +107,7 @@ def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
     device = pick_device(cfg.pretrain.device)
     generator = seed_everything(fc.seed)
 
-    train = build_dataset(cfg.data, "train", finetune_transform(cfg.data, fc.crop_min_scale))
+    train = build_dataset(cfg.data, "train", finetune_train_transform(cfg.data, fc))
     train = fixed_subset(train, fc.train_subset, "finetune.train_subset")
     if len(train) < fc.batch_size:
         raise ConfigError(f"finetune.batch_size = {fc.batch_size} exceeds the {len(train)} training images")
@@ -90,9 +118,11 @@ def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
                                  batch_size=cfg.evaluation.batch_size, num_workers=cfg.data.num_workers)
                for split in scored}
 
-    model = classifier_from_encoder(encoder_path, cfg, num_classes(train)).to(device)
+    classes = num_classes(train)
+    model = classifier_from_encoder(encoder_path, cfg, classes).to(device)
+    mixup = build_mixup(fc, classes)
     optimizer = torch.optim.AdamW(layer_decay_param_groups(model, fc.weight_decay, fc.layer_decay),
-                                  lr=0.0)
+                                  lr=0.0, betas=tuple(fc.betas))
     steps_per_epoch = len(train_loader)
     total_steps = fc.epochs * steps_per_epoch
     lr = peak_lr(fc.batch_size, fc.base_lr)
@@ -104,9 +134,12 @@ def finetune(cfg: Config, encoder_path: str | Path, out_dir: str | Path,
         model.train()
         for imgs, y in tqdm(train_loader, disable=not progress, desc=f"finetune epoch {epoch + 1}"):
             set_lr(optimizer, warmup_cosine(step, total_steps, lr, fc.min_lr, warmup_steps))
+            imgs, y = imgs.to(device), y.to(device)  # [B, C, H, W], [B]
+            if mixup is not None:
+                imgs, y = mixup(imgs, y)  # [B, C, H, W] mixed, [B, classes] soft targets
             with autocast(device):
-                logits = model(imgs.to(device))  # [B, classes]
-            loss = F.cross_entropy(logits.float(), y.to(device), label_smoothing=fc.label_smoothing)
+                logits = model(imgs)  # [B, classes]
+            loss = classification_loss(logits.float(), y, fc.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
