@@ -266,12 +266,18 @@ class PEMAE(nn.Module):
 
         entropy: mean per-sample entropy of q (→ 0: confident, → log K: uniform collapse);
         perplexity: exp(entropy of the batch-mean q), the effective number of clusters in use
-        (→ 1: everything in one cluster).
+        (→ 1: everything in one cluster);
+        information: entropy of the batch-mean q minus the mean per-sample entropy, in nats: the
+        mutual information between an image (or token) and its pseudo label over the batch. It is
+        0 in both collapses (every label the same, uniform or one-hot) and at most log K (confident
+        labels spread evenly over the K clusters): how much the labels say about the image.
         """
         probs = probs.reshape(-1, probs.shape[-1]).detach()  # [S, K]
+        per_sample, of_mean = entropy(probs).mean(), entropy(probs.mean(0))  # [], []
         return {
-            f"{kind}_entropy": entropy(probs).mean(),
-            f"{kind}_perplexity": entropy(probs.mean(0)).exp(),
+            f"{kind}_entropy": per_sample,
+            f"{kind}_perplexity": of_mean.exp(),
+            f"{kind}_information": of_mean - per_sample,
             f"{kind}_center_norm": center.norm(),
         }
 

@@ -36,13 +36,16 @@ DIGITS = {"img_size": 32, "pretrain_epochs": 40, "finetune_epochs": 20}
 
 
 def label_monitors(out_dir: Path, num_prototypes: int) -> dict:
-    """The last logged pseudo-label monitors: entropy as a fraction of log K, perplexity."""
+    """The last logged pseudo-label monitors: entropy as a fraction of log K, perplexity, and
+    the image-label information (from the two, so that logs without the column give it too)."""
     log = read_log(out_dir / "log.csv")
     found = {}
     for kind in ("cls", "tok"):
         if f"{kind}_entropy" in log:
             found[f"{kind}_entropy_frac"] = round(float(log[f"{kind}_entropy"][-1]) / math.log(num_prototypes), 3)
             found[f"{kind}_perplexity"] = round(float(log[f"{kind}_perplexity"][-1]), 1)
+            perplexity, ent = float(log[f"{kind}_perplexity"][-1]), float(log[f"{kind}_entropy"][-1])
+            found[f"{kind}_information"] = round(math.log(perplexity) - ent, 3)  # nats (model.py)
     return found
 
 

@@ -628,7 +628,7 @@ def test_mae_pretraining_is_reproducible(tmp_path):
 # --------------------------------------------------------------------------------------------
 # 9. Every ablation variant pretrains end to end
 # --------------------------------------------------------------------------------------------
-MONITORS = ("entropy", "perplexity", "center_norm")
+MONITORS = ("entropy", "perplexity", "information", "center_norm")
 VARIANTS = {
     "mae": ({"name": "mae"}, set(), set()),
     "token_recon_only": ({"teachers": "single", "lambda_cls": 0, "lambda_tok": 0}, set(), {"shared"}),
