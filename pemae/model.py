@@ -15,11 +15,15 @@ Nandam et al., "Pseudo Labelling for Enhanced Masked Autoencoders", BMVC 2024. O
 `views: 2` (ours, iBOT / DINO): the labelling teacher also sees a second augmented view of each
 image, and the student's CLS logits are trained against that view's pseudo label (cross-view);
 token targets and token pseudo labels stay on the student's own view (same patch positions).
+
+`PEMAE.step_pieces` returns the tensors of steps 1-4 (`StepPieces`); `PEMAE.forward` turns them
+into the loss (step 5). notebooks/00_walkthrough.ipynb goes through one step piece by piece.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +103,27 @@ def target_monitors(targets: torch.Tensor) -> dict[str, torch.Tensor]:
         "target_std": t.std(dim=0, correction=0).mean(),
         "target_rank": effective_rank(sample - sample.mean(0)),
     }
+
+
+@dataclass
+class StepPieces:
+    """The tensors of one PEMAE step before its loss (`PEMAE.step_pieces`), named as in METHOD.md.
+
+    Shapes for B images, N patches, V visible, M masked, D encoder width, Dd decoder width,
+    K prototypes. `PEMAE.forward` computes every loss term from these and nothing else; a piece
+    the configuration does not use is None.
+    """
+
+    masking: Masking  # the random mask (ids_keep [B, V], ids_masked [B, M], mask [B, N])
+    latent: torch.Tensor  # [B, 1+V, D] student encoder on [CLS] + visible patches: z_cls, z_vis
+    decoded: torch.Tensor  # [B, N, Dd] decoder output at every patch position
+    y: torch.Tensor  # token target: [B, M, D] predicted tokens at M; pixel: [B, N, p*p*C]
+    targets: torch.Tensor | None  # [B, M, D] reconstruction teacher's LayerNorm-ed tokens at M
+    teacher_temp: float  # τ_t of this step
+    q_cls: torch.Tensor | None  # [B, K] labelling teacher's CLS pseudo labels (view2's if any)
+    s_cls: torch.Tensor | None  # [B, K] student CLS logits H(z_cls)
+    q_tok: torch.Tensor | None  # [B, M, K] labelling teacher's pseudo labels of the masked tokens
+    s_tok: torch.Tensor | None  # [B, M, K] student token logits H(y)
 
 
 class PEMAE(nn.Module):
@@ -190,11 +215,13 @@ class PEMAE(nn.Module):
         return probs
 
     # ------------------------------------------------------------------------ one step
-    def forward(self, imgs: torch.Tensor, step: int = 0, noise: torch.Tensor | None = None,
-                monitor: bool = True, view2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One step's losses; `monitor=False` skips the collapse monitors (steps not logged).
+    def step_pieces(self, imgs: torch.Tensor, step: int = 0, noise: torch.Tensor | None = None,
+                    view2: torch.Tensor | None = None) -> StepPieces:
+        """Everything one step computes before its loss: mask, student, teachers, pseudo labels.
 
-        `view2` [B, C, H, W]: the second view of each image, needed exactly when `self.views == 2`.
+        `forward` calls it and turns the pieces into the loss. In training mode the teachers'
+        mean logits are recorded for the centre update after the step (as `forward` does); call it
+        in eval mode to look at a step without touching the centres.
         """
         m, student = self.method, self.student
         if (view2 is not None) != (self.views == 2):
@@ -205,7 +232,6 @@ class PEMAE(nn.Module):
                                  noise)
         latent = student.forward_encoder(imgs, masking)  # [B, 1+V, D]
         decoded = student.forward_decoder(latent, masking)  # [B, N, Dd]
-        out: dict[str, torch.Tensor] = {"mask": masking.mask}
 
         # ---------------------------------------------------------------- teacher targets
         rec_key, lab_key = self._teacher_key("rec"), self._teacher_key("lab")
@@ -221,42 +247,63 @@ class PEMAE(nn.Module):
             if view2 is not None:  # cross-view: the CLS pseudo label of the other view
                 lab_cls = teacher_cls(self.lab_teacher["encoder"], view2)  # [B, D]
 
-        # ---------------------------------------------------------------- reconstruction
+        # ---------------------------------------------------------------- predictions
         if self.token_target:
             y = self.token_head(gather_tokens(decoded, masking.ids_masked))  # [B, M, D]
-            loss_rec = token_reconstruction_loss(y, rec_tokens, m.recon_loss)
-            if monitor:
-                out.update(target_monitors(rec_tokens))
         else:
-            pred = student.decoder_pred(decoded)  # [B, N, p*p*C]
-            loss_rec = student.forward_loss(imgs, pred, masking.mask)
-        loss = m.lambda_rec * loss_rec
-        out["loss_rec"] = loss_rec.detach()
+            y = student.decoder_pred(decoded)  # [B, N, p*p*C]
 
         # ---------------------------------------------------------------- pseudo labels
         temp = teacher_temperature(step, self.total_steps, m.teacher_temp_start, m.teacher_temp,
                                    m.teacher_temp_warmup)
+        q_cls = s_cls = q_tok = s_tok = None
         if self.use_cls:
             with torch.no_grad():
                 q_cls = self.pseudo_labels(self.lab_teacher["head"](lab_cls), "cls", temp)  # [B, K]
             s_cls = self.label_head(latent[:, 0])  # [B, K]
-            loss_cls = pseudo_label_loss(s_cls, q_cls, m.student_temp)
-            loss = loss + m.lambda_cls * loss_cls
-            out["loss_cls"] = loss_cls.detach()
-            if monitor:
-                out.update(self.monitors("cls", q_cls, self.center_cls))
         if self.use_tok:
             with torch.no_grad():
                 q_tok = self.pseudo_labels(self.lab_teacher["head"](lab_tokens), "tok", temp)  # [B, M, K]
             s_tok = self.label_head(y)  # [B, M, K]
-            loss_tok = pseudo_label_loss(s_tok, q_tok, m.student_temp)
+        return StepPieces(masking, latent, decoded, y, rec_tokens, temp, q_cls, s_cls, q_tok, s_tok)
+
+    def forward(self, imgs: torch.Tensor, step: int = 0, noise: torch.Tensor | None = None,
+                monitor: bool = True, view2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One step's losses; `monitor=False` skips the collapse monitors (steps not logged).
+
+        `view2` [B, C, H, W]: the second view of each image, needed exactly when `self.views == 2`.
+        The one place the loss is computed, from the pieces of `step_pieces`.
+        """
+        m = self.method
+        p = self.step_pieces(imgs, step, noise, view2)
+        out: dict[str, torch.Tensor] = {"mask": p.masking.mask}
+
+        # ---------------------------------------------------------------- reconstruction
+        if self.token_target:
+            loss_rec = token_reconstruction_loss(p.y, p.targets, m.recon_loss)
+            if monitor:
+                out.update(target_monitors(p.targets))
+        else:
+            loss_rec = self.student.forward_loss(imgs, p.y, p.masking.mask)
+        loss = m.lambda_rec * loss_rec
+        out["loss_rec"] = loss_rec.detach()
+
+        # ---------------------------------------------------------------- pseudo labels
+        if self.use_cls:
+            loss_cls = pseudo_label_loss(p.s_cls, p.q_cls, m.student_temp)
+            loss = loss + m.lambda_cls * loss_cls
+            out["loss_cls"] = loss_cls.detach()
+            if monitor:
+                out.update(self.monitors("cls", p.q_cls, self.center_cls))
+        if self.use_tok:
+            loss_tok = pseudo_label_loss(p.s_tok, p.q_tok, m.student_temp)
             loss = loss + m.lambda_tok * loss_tok
             out["loss_tok"] = loss_tok.detach()
             if monitor:
-                out.update(self.monitors("tok", q_tok, self.center_tok))
+                out.update(self.monitors("tok", p.q_tok, self.center_tok))
 
         out["loss"] = loss
-        out["teacher_temp"] = torch.tensor(temp)
+        out["teacher_temp"] = torch.tensor(p.teacher_temp)
         for name in self.teacher_set:
             out[f"momentum_{name}"] = torch.tensor(self.momentum(name, step))
         return out

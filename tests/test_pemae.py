@@ -563,6 +563,48 @@ def test_loss_is_the_lambda_weighted_sum():
     assert torch.allclose(out["loss"].detach(), expected)
 
 
+@pytest.mark.parametrize("method", [
+    {},
+    {"teachers": "single"},
+    {"recon_target": "pixel", "lambda_tok": 0.0},
+    {"lambda_cls": 0.0, "balancing": "sinkhorn", "recon_loss": "cosine"},
+    {"teachers": "single", "lambda_cls": 0.0, "lambda_tok": 0.0},
+], ids=["dual", "single", "pixel", "tok-only", "recon-only"])
+def test_step_pieces_reproduce_the_loss_terms_of_forward(method):
+    """`step_pieces` (what the walkthrough notebook shows) gives exactly the terms `forward` returns,
+    and looking at a step in eval mode leaves the centres' statistics alone."""
+    from pemae.losses import token_reconstruction_loss
+
+    model = build(pemae_cfg(**{"lambda_rec": 0.5, "lambda_cls": 2.0, **method}))
+    perturb_(model.teacher_set, seed=3)  # teachers apart from the student (and from each other)
+    m, imgs = model.method, images()
+    noise = torch.rand(len(imgs), 49, generator=torch.Generator().manual_seed(0))  # [B, N]
+    with torch.no_grad():
+        out = model.train()(imgs, 3, noise=noise)
+        recorded = {k: len(v) for k, v in model._step_logit_means.items()}
+        p = model.eval().step_pieces(imgs, 3, noise)
+    assert {k: len(v) for k, v in model._step_logit_means.items()} == recorded
+    assert torch.equal(p.masking.mask, out["mask"])
+    assert p.latent.shape == (4, 1 + 12, 64) and p.decoded.shape == (4, 49, 32)  # V = 12 of N = 49
+    if model.token_target:
+        assert p.y.shape == p.targets.shape == (4, 37, 64)  # [B, M, D]
+        loss_rec = token_reconstruction_loss(p.y, p.targets, m.recon_loss)
+    else:
+        assert p.targets is None and p.y.shape == (4, 49, 16)  # [B, N, p*p*C]
+        loss_rec = model.student.forward_loss(imgs, p.y, p.masking.mask)
+    assert torch.equal(loss_rec, out["loss_rec"])
+    loss = m.lambda_rec * loss_rec
+    for kind, weight in (("cls", m.lambda_cls), ("tok", m.lambda_tok)):
+        q, s = getattr(p, f"q_{kind}"), getattr(p, f"s_{kind}")
+        assert (q is None) == (s is None) == (weight == 0) == (f"loss_{kind}" not in out)
+        if weight:
+            term = pseudo_label_loss(s, q, m.student_temp)
+            assert torch.equal(term, out[f"loss_{kind}"])
+            loss = loss + weight * term
+    assert torch.equal(loss, out["loss"])
+    assert p.teacher_temp == pytest.approx(out["teacher_temp"].item())
+
+
 # --------------------------------------------------------------------------------------------
 # 7. Frozen prototypes
 # --------------------------------------------------------------------------------------------
