@@ -289,8 +289,8 @@ def claims_markdown(claim_rows: list[dict]) -> str:
         cells.append(cell)
     rule = ("The paper's direction is a > b. Per-seed differences a − b (mean ± sample std, seeds); "
             "holds / does not hold: a / b better by more than the larger of the two runs' seed std; "
-            "otherwise within noise. Not run: the runs are not in results/runs (params.yaml "
-            "`ablations:` lists how to train them).")
+            "otherwise within noise. Not run: a run of the claim has no results yet (the ablation "
+            "runs of params.yaml `ablations:` are trained by study/dvc.yaml:ablation).")
     return markdown_table(cells, CLAIM_COLUMNS, fmt=str) + "\n" + rule + "\n"
 
 
