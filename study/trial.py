@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pemae.cli import parse_sets
-from pemae.config import deep_merge, load_params
+from pemae.config import deep_merge, flatten, load_params
 from pemae.evaluate import evaluate_encoder
 from pemae.finetune import finetune
 from pemae.pretrain import pretrain
@@ -76,17 +76,6 @@ def small_data_trial(run: str, out: Path, sets: list[str]) -> dict:
 
 
 TRIALS = {"pretrain": pretrain_trial, "finetune": finetune_trial, "small_data": small_data_trial}
-
-
-def flatten(record: dict, prefix: str = "") -> dict:
-    """{"val": {"cls": {"knn_top1": 1}}} -> {"val.cls.knn_top1": 1}: the leaves of a record."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def write_table(log: Path) -> Path:
