@@ -187,6 +187,11 @@ class FinetuneConfig:
     train_subset: int = knob(0, NON_NEGATIVE)  # labelled images used; 0 = the whole train split
     seed: int = 0
 
+    @property
+    def mixes(self) -> bool:
+        """True when mixup or cutmix is on (soft targets, an even batch)."""
+        return self.mixup > 0 or self.cutmix > 0
+
 
 @dataclass
 class EvalConfig:
@@ -322,7 +327,7 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             errors.append(f"{section}.betas = {betas}: expected two values in [0, 1)")
     fc = cfg.finetune
-    if (fc.mixup > 0 or fc.cutmix > 0) and fc.batch_size % 2:
+    if fc.mixes and fc.batch_size % 2:
         errors.append(f"finetune.batch_size = {fc.batch_size}: mixup/cutmix (finetune.mixup = "
                       f"{fc.mixup}, finetune.cutmix = {fc.cutmix}) need an even batch")
     me = cfg.method

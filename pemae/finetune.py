@@ -66,15 +66,10 @@ def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
     return 100.0 * correct / total
 
 
-def mixing(fc: FinetuneConfig) -> bool:
-    """True when mixup or cutmix is on."""
-    return fc.mixup > 0 or fc.cutmix > 0
-
-
 def build_mixup(fc: FinetuneConfig, classes: int) -> Mixup | None:
     """timm's Mixup as MAE sets it (per batch, label smoothing folded into the soft targets);
     None when mixup and cutmix are both off (the hard-label path)."""
-    if not mixing(fc):
+    if not fc.mixes:
         return None
     return Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix, prob=fc.mixup_prob,
                  switch_prob=fc.mixup_switch_prob, mode="batch",

@@ -211,6 +211,15 @@ def interrupted_state(paths: list[Path]) -> tuple[Path, dict] | None:
     return None
 
 
+def refuse_other_config(state: dict, cfg: Config, what: str, remedy: str) -> None:
+    """A ConfigError naming every key (but `RESUMABLE_KEYS`) where the checkpoint `state` was
+    written with another config than `cfg`: "<what> with a different config ...", then `remedy`."""
+    differences = config_differences(state["config"], cfg.to_dict(), PRETRAIN_SECTIONS, RESUMABLE_KEYS)
+    if differences:
+        raise ConfigError(f"{what} with a different config (checkpoint -> now):\n  "
+                          + "\n  ".join(differences) + f"\n{remedy}")
+
+
 def resume(path: Path, state: dict, cfg: Config, steps_per_epoch: int, model: nn.Module,
            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
     """Load an interrupted run's `state` (read from `path`) into the model, optimiser, scaler and
@@ -219,13 +228,9 @@ def resume(path: Path, state: dict, cfg: Config, steps_per_epoch: int, model: nn
     The config must match the saved one except for `RESUMABLE_KEYS`; otherwise a ConfigError
     names every differing key.
     """
-    differences = config_differences(state["config"], cfg.to_dict(), PRETRAIN_SECTIONS, RESUMABLE_KEYS)
-    if differences:
-        raise ConfigError(
-            f"{path} is an interrupted run with a different config (checkpoint -> now):\n  "
-            + "\n  ".join(differences)
-            + f"\nSet those keys back to resume it, or delete {path} (or set pretrain.resume: "
-              "false) to start afresh.")
+    refuse_other_config(state, cfg, f"{path} is an interrupted run",
+                        f"Set those keys back to resume it, or delete {path} (or set "
+                        "pretrain.resume: false) to start afresh.")
     if state["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(f"{path} was written with {state['steps_per_epoch']} steps per epoch, the "
                           f"data now gives {steps_per_epoch}: the training set changed (data.root?)")
@@ -246,13 +251,9 @@ def completed_run(final_path: Path, cfg: Config, device: torch.device,
     """
     out_dir = final_path.parent
     state = checkpoint.load(final_path)
-    differences = config_differences(state["config"], cfg.to_dict(), PRETRAIN_SECTIONS, RESUMABLE_KEYS)
-    if differences:
-        raise ConfigError(
-            f"{out_dir} holds a completed run with a different config (checkpoint -> now):\n  "
-            + "\n  ".join(differences)
-            + "\nSet those keys back, write to another --out folder, or train again over it with "
-              "--force (pretrain.overwrite: true).")
+    refuse_other_config(state, cfg, f"{out_dir} holds a completed run",
+                        "Set those keys back, write to another --out folder, or train again over "
+                        "it with --force (pretrain.overwrite: true).")
     model, _ = model_from_state(state)
     if not is_main:
         return model.to(device), {}
