@@ -209,6 +209,28 @@ class EvalConfig:
 
 
 @dataclass
+class DenseConfig:
+    """The dense (segmentation) linear probe of `pemae.dense`: composed multi-object scenes, a
+    linear classifier per patch token of the frozen encoder. Its training seed is
+    `evaluation.seed` (the pipeline seed drives every probe); the scenes are drawn by
+    `scene_seed` alone, so every run and seed is scored on the same scenes."""
+
+    train_scenes: int = knob(2000, POSITIVE)  # composed from the train split's items
+    val_scenes: int = knob(500, POSITIVE)  # from the validation split's items
+    test_scenes: int = knob(1000, POSITIVE)  # from the test split's items
+    canvas_scale: int = knob(2, POSITIVE)  # the scene is canvas_scale * data.img_size square
+    min_items: int = knob(2, POSITIVE)  # items pasted per scene: uniform in [min_items, max_items]
+    max_items: int = knob(4, POSITIVE)
+    # an item's silhouette: its pixels whose intensity (in [0, 1], mean over channels) exceeds this
+    threshold: float = knob(0.1, _check(lambda v: 0 <= v < 1, "must lie in [0, 1)"))
+    scene_seed: int = knob(0, NON_NEGATIVE)
+    epochs: int = knob(5, POSITIVE)  # of the linear probe, on cached patch features
+    lr: float = knob(3e-2, POSITIVE)  # AdamW's peak lr, cosine decay to 0
+    weight_decay: float = knob(0.0, NON_NEGATIVE)
+    batch_size: int = knob(128, POSITIVE)  # scenes per probe step
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -216,6 +238,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -338,6 +361,9 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
         errors.append("method: lambda_rec, lambda_cls and lambda_tok are all 0: nothing to learn")
     if d.dataset == "imagefolder" and not d.root:
         errors.append("data.root: required for dataset 'imagefolder' (a folder with train/ and val/)")
+    if cfg.dense.min_items > cfg.dense.max_items:
+        errors.append(f"dense.min_items = {cfg.dense.min_items} exceeds "
+                      f"dense.max_items = {cfg.dense.max_items}")
     if cfg.pretrain.batch_size % cfg.pretrain.accum_steps:
         errors.append(f"pretrain.accum_steps = {cfg.pretrain.accum_steps} does not divide "
                       f"pretrain.batch_size = {cfg.pretrain.batch_size}")

@@ -597,14 +597,20 @@ def skipped_images(dataset: Dataset) -> int:
     return int(dataset.skipped)
 
 
-def num_classes(dataset: Dataset) -> int:
-    """Number of classes of a dataset from `build_dataset` (subsets included)."""
+def class_names(dataset: Dataset) -> list[str]:
+    """The class names of a dataset from `build_dataset` (subsets included): its `classes`, or
+    "0".."C-1" from its `targets` when it has no names."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     classes = getattr(dataset, "classes", None)
     if classes:
-        return len(classes)
+        return [str(c) for c in classes]
     targets = getattr(dataset, "targets", None)
     if targets is not None and len(targets):
-        return int(max(int(t) for t in targets)) + 1
-    raise ValueError(f"num_classes: {type(dataset).__name__} has neither `classes` nor `targets`")
+        return [str(c) for c in range(int(max(int(t) for t in targets)) + 1)]
+    raise ValueError(f"class_names: {type(dataset).__name__} has neither `classes` nor `targets`")
+
+
+def num_classes(dataset: Dataset) -> int:
+    """Number of classes of a dataset from `build_dataset` (subsets included)."""
+    return len(class_names(dataset))

@@ -4,6 +4,7 @@ Layout read here (one folder per run and seed):
     results/runs/<run>/seed<s>/pretrain/summary.json   images_per_s, final_loss, collapsed
     results/runs/<run>/seed<s>/evaluate.json           {split: {readout: {knn_top1, linear_top1}}}
     results/runs/<run>/seed<s>/finetune/summary.json   val_top1, test_top1, protocol, ...
+    results/runs/<run>/seed<s>/dense.json              {split: {miou, pixel_acc}} (pemae.dense)
 
 Steps: `gather` (one row per run, seed and readout), `summarise` (mean ± sample std over seeds),
 `paired_differences` (run a minus run b, seed by seed), `claim_verdicts` (one paired comparison
@@ -21,12 +22,13 @@ from pathlib import Path
 READOUTS = ("cls", "avg", "pixels")  # table order
 READOUT_NAMES = {"cls": "CLS", "avg": "avg patches", "pixels": "raw pixels"}
 PROBE_METRICS = ("knn_top1", "linear_top1")  # one value per readout
-RUN_METRICS = ("finetune_top1", "pretrain_images_per_s")  # one value per run and seed
+RUN_METRICS = ("finetune_top1", "dense_miou", "pretrain_images_per_s")  # one value per run and seed
 TABLE_METRICS = PROBE_METRICS + RUN_METRICS
-PAIRED_METRICS = PROBE_METRICS + ("finetune_top1",)
+PAIRED_METRICS = PROBE_METRICS + ("finetune_top1", "dense_miou")
 METRIC_NAMES = {"knn_top1": "k-NN", "linear_top1": "linear", "finetune_top1": "fine-tune",
-                "pretrain_images_per_s": "pretrain img/s"}
-TABLE_COLUMNS = ["run", "features", "k-NN", "linear", "fine-tune", "pretrain img/s", "collapsed"]
+                "dense_miou": "dense mIoU", "pretrain_images_per_s": "pretrain img/s"}
+TABLE_COLUMNS = ["run", "features", "k-NN", "linear", "fine-tune", "dense mIoU", "pretrain img/s",
+                 "collapsed"]
 PAIRED_COLUMNS = ["a − b", "features", "metric", "difference", "seeds", "verdict"]
 SPLITS = ("test", "val")  # test: the reported numbers; val: what tuning decisions are read from
 
@@ -39,6 +41,8 @@ class RunPaths:
         self.pretrain = self.root / "pretrain"
         self.finetune = self.root / "finetune"
         self.evaluation = self.root / "evaluate.json"
+        self.dense = self.root / "dense.json"
+        self.dense_maps = self.root / "dense_maps.pt"  # predicted maps of the first test scenes
         self.encoder = self.pretrain / "encoder.pt"
         self.checkpoint = self.pretrain / "checkpoint.pt"
 
@@ -61,7 +65,7 @@ def _read_json(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # Gathering: one row per run, seed and readout
 # --------------------------------------------------------------------------------------------
-def _run_fields(pretrain: dict, finetune: dict, split: str) -> dict:
+def _run_fields(pretrain: dict, finetune: dict, dense: dict, split: str) -> dict:
     """The fields of one run and seed that every readout row carries."""
     fields = {"pretrain_images_per_s": pretrain.get("images_per_s") or None,  # None: not pretrained
               "pretrain_final_loss": pretrain.get("final_loss"),
@@ -72,6 +76,8 @@ def _run_fields(pretrain: dict, finetune: dict, split: str) -> dict:
         fields["finetune_top1"] = finetune[f"{split}_top1"]
     if "protocol" in finetune:
         fields["finetune_protocol"] = finetune["protocol"]
+    if "miou" in dense.get(split, {}):
+        fields["dense_miou"] = dense[split]["miou"]
     return fields
 
 
@@ -82,10 +88,10 @@ def _seed_rows(paths: RunPaths, run: str, seed: int, split: str) -> list[dict]:
     """
     pretrain = _read_json(paths.pretrain / "summary.json")
     finetune = _read_json(paths.finetune / "summary.json")
-    evaluation = _read_json(paths.evaluation)
-    if not (pretrain or finetune or evaluation):
+    evaluation, dense = _read_json(paths.evaluation), _read_json(paths.dense)
+    if not (pretrain or finetune or evaluation or dense):
         return []
-    fields = _run_fields(pretrain, finetune, split)
+    fields = _run_fields(pretrain, finetune, dense, split)
     probes = evaluation.get(split, {})  # {readout: {knn_top1, linear_top1}}
     readouts = sorted(probes, key=_readout_rank) or [None]
     return [{"run": run, "seed": seed, "readout": r, **probes.get(r, {}), **fields} for r in readouts]
@@ -99,7 +105,7 @@ def gather(results_dir: str | Path, runs: list[str], seeds: list[int], split: st
     """One row per (run, seed, readout) on `split`, in the order of `runs`, `seeds`, READOUTS.
 
     Keys: run, seed, readout, knn_top1, linear_top1, and on every readout row of a run and seed
-    finetune_top1 (the fine-tune summary's `<split>_top1`), finetune_protocol,
+    finetune_top1 (the fine-tune summary's `<split>_top1`), finetune_protocol, dense_miou,
     pretrain_images_per_s (None when not pretrained), pretrain_final_loss, collapsed.
     A stage that has not run leaves its keys out; a run and seed without any file gives no row.
     """
@@ -244,8 +250,9 @@ def paired_differences(rows: list[dict], pairs: list[list[str]],
 # --------------------------------------------------------------------------------------------
 # The paper's claims: one paired comparison each, with a verdict per metric
 # --------------------------------------------------------------------------------------------
-CLAIM_METRICS = (("cls", "knn_top1"), ("cls", "linear_top1"), (None, "finetune_top1"))
-CLAIM_COLUMNS = ["claim", "a − b", "k-NN (CLS)", "linear (CLS)", "fine-tune"]
+CLAIM_METRICS = (("cls", "knn_top1"), ("cls", "linear_top1"), (None, "finetune_top1"),
+                 (None, "dense_miou"))
+CLAIM_COLUMNS = ["claim", "a − b", "k-NN (CLS)", "linear (CLS)", "fine-tune", "dense mIoU"]
 
 
 def claim_verdict(diff: dict | None) -> str:
@@ -337,6 +344,7 @@ def table_cells(summary_rows: list[dict]) -> list[dict]:
         cells.append({"run": row["run"], "features": READOUT_NAMES.get(row["readout"], format_cell(row["readout"])),
                       "k-NN": mean_std_cell(row, "knn_top1"), "linear": mean_std_cell(row, "linear_top1"),
                       "fine-tune": _finetune_cell(row) if first else "",
+                      "dense mIoU": mean_std_cell(row, "dense_miou") if first else "",
                       "pretrain img/s": mean_std_cell(row, "pretrain_images_per_s") if first else "",
                       "collapsed": _collapsed_cell(row) if first else ""})
     return cells

@@ -31,6 +31,7 @@ PROTOCOL = {"pemae": "fine-tuned (layer decay 0.75)", "mae": "fine-tuned (layer 
             "random": "from scratch (layer decay 1.0)"}
 IMAGES_PER_S = {"pemae": [100.0, 110.0, 120.0], "mae": [300.0, 300.0, 300.0], "random": [0, 0, 0]}
 COLLAPSED = {"pemae": [False, True, False]}  # MAE and random report no collapse flag
+DENSE_MIOU = {"pemae": [20.0, 21.0, 22.0], "mae": [18.0, 18.0, 18.0], "random": [13.0, 14.0, 15.0]}
 VAL_OFFSET = 0.5
 
 
@@ -56,6 +57,9 @@ def write_tree(results_dir):
             write_json(paths.finetune / "summary.json",
                        {"val_top1": FINETUNE[run][i] + VAL_OFFSET, "test_top1": FINETUNE[run][i], "epochs": 5,
                         "labelled_images": 1000, "seconds": 3.0, "protocol": PROTOCOL[run]})
+            miou = DENSE_MIOU[run][i]
+            write_json(paths.dense, {"val": {"miou": miou + VAL_OFFSET, "pixel_acc": 80.0},
+                                     "test": {"miou": miou, "pixel_acc": 79.0}})
 
 
 @pytest.fixture
@@ -135,7 +139,7 @@ def test_paired_differences_are_seed_by_seed_with_verdicts(tree):
     finetune = find(diffs, metric="finetune_top1")  # diffs 1, 1, 1: |1| <= noise 1
     assert finetune["readout_a"] is None and (finetune["mean"], finetune["std"]) == (1.0, 0.0)
     assert finetune["verdict"] == "within noise"
-    assert len(diffs) == 2 * 2 + 1  # two readouts × two probes, fine-tune once
+    assert len(diffs) == 2 * 2 + 2  # two readouts × two probes; fine-tune and dense mIoU once
 
 
 def test_paired_differences_against_raw_pixels_use_each_readout(tree):
@@ -176,18 +180,20 @@ def test_a_run_with_nothing_evaluated_still_shows_its_fine_tune(tmp_path):
                {"val_top1": 70.0, "test_top1": 71.0, "protocol": "fine-tuned (layer decay 0.75)"})
     summary = summarise(gather(tmp_path, ["mae"], SEEDS))
     assert [(r["run"], r["readout"], r["finetune_top1_mean"]) for r in summary] == [("mae", None, 71.0)]
-    assert "| mae | – | – | – | 71.00 ± 0.00 | – | – |" in results_markdown(summary)
+    assert "| mae | – | – | – | 71.00 ± 0.00 | – | – | – |" in results_markdown(summary)
 
 
 def test_results_markdown_has_the_long_table(tree):
     md = results_markdown(summarise(gather(tree, RUNS, SEEDS)))
     lines = md.splitlines()
-    assert lines[0] == "| run | features | k-NN | linear | fine-tune | pretrain img/s | collapsed |"
-    assert "| pemae | CLS | 82.00 ± 2.00 | 86.00 ± 1.00 | 91.00 ± 1.00 | 110.00 ± 10.00 | yes (1 of 3 seeds) |" in lines
-    assert "| pemae | avg patches | 79.00 ± 1.00 | 83.00 ± 0.00 |  |  |  |" in lines  # per-run cells once
-    assert "| mae | CLS | 71.00 ± 1.00 | 86.00 ± 2.00 | 90.00 ± 1.00 | 300.00 ± 0.00 | – |" in lines
-    assert "| random | CLS | 41.00 ± 1.00 | 45.00 ± 0.00 | 81.00 ± 1.00 (scratch) | – | – |" in lines
-    assert "| pixels | raw pixels | 85.00 ± 0.00 | 84.00 ± 0.00 | – | – | – |" in lines
+    assert lines[0] == ("| run | features | k-NN | linear | fine-tune | dense mIoU | pretrain img/s "
+                        "| collapsed |")
+    assert ("| pemae | CLS | 82.00 ± 2.00 | 86.00 ± 1.00 | 91.00 ± 1.00 | 21.00 ± 1.00 | 110.00 ± 10.00 "
+            "| yes (1 of 3 seeds) |") in lines
+    assert "| pemae | avg patches | 79.00 ± 1.00 | 83.00 ± 0.00 |  |  |  |  |" in lines  # per-run cells once
+    assert "| mae | CLS | 71.00 ± 1.00 | 86.00 ± 2.00 | 90.00 ± 1.00 | 18.00 ± 0.00 | 300.00 ± 0.00 | – |" in lines
+    assert "| random | CLS | 41.00 ± 1.00 | 45.00 ± 0.00 | 81.00 ± 1.00 (scratch) | 14.00 ± 1.00 | – | – |" in lines
+    assert "| pixels | raw pixels | 85.00 ± 0.00 | 84.00 ± 0.00 | – | – | – | – |" in lines
     assert "n = 3 seeds" in lines[-1]
 
 
@@ -198,6 +204,8 @@ def test_paired_markdown_shows_differences_and_verdicts(tree):
     assert "| pemae − mae | CLS | k-NN | +11.00 ± 1.00 | 3 | pemae better |" in lines
     assert "| pemae − mae | avg patches | linear | -2.00 ± 1.00 | 3 | mae better |" in lines
     assert "| pemae − mae | – | fine-tune | +1.00 ± 0.00 | 3 | within noise |" in lines
+    assert "| pemae − mae | – | dense mIoU | +3.00 ± 1.00 | 3 | pemae better |" in lines
+    assert "| pemae − pixels | – | dense mIoU |" not in md  # the pixel baseline has no dense probe
     assert "| pemae − pixels | CLS vs raw pixels | k-NN | -3.00 ± 2.00 | 3 | pixels better |" in lines
     assert "larger of the two runs' seed std" in md
 
@@ -260,6 +268,7 @@ def test_claim_verdicts_read_the_paired_differences_in_the_papers_direction(tree
     assert pemae_mae["cls/knn_top1"] == {"mean": 11.0, "std": 1.0, "n": 3, "verdict": "holds"}
     assert pemae_mae["cls/linear_top1"]["verdict"] == "within noise"  # diffs 1, 0, -1
     assert pemae_mae["None/finetune_top1"]["verdict"] == "within noise"  # |1| <= noise 1
+    assert pemae_mae["None/dense_miou"] == {"mean": 3.0, "std": 1.0, "n": 3, "verdict": "holds"}
     reverse = rows["MAE beats PEMAE"]
     assert reverse["cls/knn_top1"]["mean"] == -11.0 and reverse["cls/knn_top1"]["verdict"] == "does not hold"
     random = rows["random beats MAE"]  # random 40-42 vs mae 70-72: far below
@@ -267,13 +276,13 @@ def test_claim_verdicts_read_the_paired_differences_in_the_papers_direction(tree
     assert random["None/finetune_top1"]["verdict"] == "does not hold"  # 81 vs 90, noise 1
     ghost = rows["two teachers beat one"]  # single_teacher never ran
     assert all(ghost[k] == {"verdict": "not run"} for k in ("cls/knn_top1", "cls/linear_top1",
-                                                            "None/finetune_top1"))
+                                                            "None/finetune_top1", "None/dense_miou"))
 
 
 def test_claims_markdown_gives_a_cell_per_metric_and_the_rule(tree):
     text = claims_markdown(claim_verdicts(gather(tree, RUNS, SEEDS), CLAIMS))
     assert "| PEMAE beats MAE | pemae − mae | +11.00 ± 1.00 (3): holds | +0.00 ± 1.00 (3): within noise |" in text
-    assert "| two teachers beat one | pemae − single_teacher | not run | not run | not run |" in text
+    assert "| two teachers beat one | pemae − single_teacher | not run | not run | not run | not run |" in text
     assert "direction is a > b" in text
 
 
