@@ -101,8 +101,8 @@ def export_encoder(encoder: nn.Module, cfg: Config, path: str | Path) -> None:
     )
 
 
-def load_encoder(path: str | Path, **timm_kwargs) -> nn.Module:
-    """Rebuild an exported encoder as a timm ViT (strict load); `timm_kwargs` add e.g. a head."""
+def load_encoder(path: str | Path) -> nn.Module:
+    """Rebuild an exported encoder as a timm ViT without a head (strict load)."""
     blob = load(path)
     vit = timm.create_model(blob["arch"], pretrained=False, num_classes=0, **blob["kwargs"])
     vit.load_state_dict(blob["state_dict"], strict=True)

@@ -3,9 +3,11 @@
 `dvc repro` builds every stage (every run with two seeds, the raw-pixel baseline, the figures and
 the cost); a second `dvc repro` does nothing; `dvc exp run -S` on a knob reruns only the stages
 that depend on it; the small-data check, an ablation run and the claims table of `study/dvc.yaml`
-run on their own, outside the main pipeline.
+run on their own, outside the main pipeline; pushed to a DVC remote, the trained pipeline pulls
+into a fresh `git clone` that is up to date.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 import yaml
 
 from pemae.config import build_config
@@ -121,3 +125,44 @@ def test_an_ablation_run_and_the_claims_table_run_from_the_study_pipeline(repo):
     assert claims["token_recon-mae"]["cls/knn_top1"]["n"] == 1  # the one ablation seed trained
     assert claims["pemae-single_teacher"]["cls/knn_top1"] == {"verdict": "not run"}
     assert stages_run(run(["dvc", "repro"], repo)) == set()  # the main pipeline is untouched
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by its path relative to `root`."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_pushed_pipeline_pulls_into_a_fresh_clone_up_to_date(repo, tmp_path):
+    """The README's "Sharing trained runs": a DVC remote (a local folder here) set in the repository
+    that ran the pipeline, `dvc push`; then `git clone` and `dvc pull` elsewhere give a clone that
+    is up to date, the same files, and an encoder that loads into timm."""
+    run(["dvc", "repro"], repo)  # nothing to do after the tests above; builds it when run alone
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
+    run(["git", "add", "-A"], repo)  # dvc.lock, the small uncached outputs and the remote's config
+    run(["git", "commit", "-q", "-m", "share the trained runs"], repo)
+    run(["dvc", "push"], repo)
+    assert any(p.is_file() for p in remote.rglob("*"))
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    encoder = Path("results/runs/mae/seed0/pretrain/encoder.pt")
+    assert not (clone / encoder).exists() and not (clone / ".dvc" / "cache").exists()  # not in git
+    # --allow-missing: the study stages that never ran here have nothing to pull
+    run(["dvc", "pull", "--allow-missing"], clone)
+
+    locks = [("dvc.yaml", clone / "dvc.lock"), ("study/dvc.yaml", clone / "study" / "dvc.lock")]
+    ran = [f"{dvcfile}:{name}" for dvcfile, lock in locks if lock.is_file()
+           for name in yaml.safe_load(lock.read_text())["stages"]]
+    assert "Data and pipelines are up to date." in run(["dvc", "status", *ran], clone)
+    out = run(["dvc", "repro"], clone)
+    assert stages_run(out) == set() and "Data and pipelines are up to date." in out
+    assert file_hashes(clone / "results") == file_hashes(repo / "results")
+
+    # the README's one-liner loads the pulled encoder into timm
+    blob = torch.load(clone / encoder, map_location="cpu", weights_only=True)
+    vit = timm.create_model(blob["arch"], pretrained=True, num_classes=0, **blob["kwargs"],
+                            pretrained_cfg_overlay=dict(file=str(clone / encoder), num_classes=0))
+    for name, value in vit.state_dict().items():
+        assert torch.equal(value, blob["state_dict"][name]), name
