@@ -72,7 +72,8 @@ def small_data_trial(run: str, out: Path, sets: list[str]) -> dict:
     pretrain(cfg, out / "pretrain", progress=False)
     probes = evaluate_encoder(cfg, out / "pretrain" / "encoder.pt", progress=False)["val"]
     tuned = finetune(cfg, out / "pretrain" / "encoder.pt", out / "finetune", progress=False, test=False)
-    return {"run": run, "val": probes, "finetune_val_top1": tuned["val_top1"]}
+    return {"run": run, "val": probes, "finetune_val_top1": tuned["val_top1"],
+            **label_monitors(out / "pretrain", cfg.method.num_prototypes)}
 
 
 TRIALS = {"pretrain": pretrain_trial, "finetune": finetune_trial, "small_data": small_data_trial}
