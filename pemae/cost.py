@@ -14,22 +14,28 @@ Fairness: every variant is built from the same seed (identical student initialis
 warmed up before any timing, and the timed steps are interleaved in rounds whose variant order
 rotates, so slow drifts or bursts of noise on a shared machine hit every variant alike; each
 variant's step time is the median over its rounds.
+
+The measuring helpers take any implementation as a `Contender` (a model, its optimiser and a
+zero-argument `run_step`), so `pemae.bench` times the Hugging Face and lightly peers with the
+same warm-up, memory accounting and interleaved rounds as pemae's own variants.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import math
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from pemae.config import Config, build_config, deep_merge
+from pemae.config import Config, PretrainConfig, build_config, deep_merge
 from pemae.model import build_pretrain_model, stand_in_view2
 from pemae.optim import param_groups
 from pemae.pretrain import peak_lr, train_step
@@ -87,6 +93,64 @@ def first_measured_step(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# One implementation, ready to measure
+# --------------------------------------------------------------------------------------------
+StepFn = Callable[[], object]  # one whole training step on the fixed batch
+
+
+@dataclass
+class Contender:
+    """An implementation ready to be measured on one fixed batch.
+
+    `model` holds everything a step keeps between steps (student, heads, EMA teachers, loss
+    centres); `run_step()` does one whole training step (forward, backward, AdamW step, EMA
+    update), each call at the next step index.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    run_step: StepFn
+
+
+def fixed_batch(cfg: Config, batch: int, seed: int = 0) -> torch.Tensor:
+    """Random images [batch, in_chans, img_size, img_size] (on the CPU), the same for a seed."""
+    d = cfg.data
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, d.in_chans, d.img_size, d.img_size, generator=gen)  # [B, C, H, W]
+
+
+def adamw(model: nn.Module, pc: PretrainConfig, batch: int) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with the pretraining lr (scaled to `batch`), betas and decay."""
+    return torch.optim.AdamW(param_groups(model, pc.weight_decay),
+                             lr=peak_lr(batch, pc.base_lr), betas=tuple(pc.betas))
+
+
+def pemae_steps(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
+                device: torch.device, first_step: int, amp: str = "auto") -> StepFn:
+    """pemae's `train_step` on `imgs`, at step first_step, first_step + 1, ... call after call,
+    without the collapse monitors (the training loop computes them on logged steps only)."""
+    steps = itertools.count(first_step)
+    view2 = stand_in_view2(model, imgs)  # [B, C, H, W] or None
+    return lambda: train_step(model, optimizer, imgs, device, next(steps), amp, view2=view2,
+                              monitor=False)
+
+
+def pemae_contender(cfg: Config, method_overrides: dict, imgs: torch.Tensor, device: torch.device,
+                    seed: int = 0, amp: str = "auto") -> Contender:
+    """One pemae variant on `device`: seeded model, AdamW, steps from `first_measured_step`."""
+    model = build_variant(cfg, method_overrides, seed).to(device).train()
+    optimizer = adamw(model, cfg.pretrain, len(imgs))
+    return Contender(model, optimizer,
+                     pemae_steps(model, optimizer, imgs, device, first_measured_step(model), amp))
+
+
+def warm_up(contender: Contender, count: int) -> None:
+    """`count` untimed steps (lazy allocations, AdamW state, allocator and kernel caches)."""
+    for _ in range(count):
+        contender.run_step()
+
+
+# --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
@@ -134,9 +198,8 @@ def saved_for_backward(exclude: set[int]) -> Iterator[dict[int, int]]:
         yield seen
 
 
-def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
-                device: torch.device, step: int) -> dict:
-    """Memory of one training step (runs one step, two on CUDA).
+def measure_memory(contender: Contender, device: torch.device) -> dict:
+    """Memory of one training step of `contender` (runs one step, two on CUDA).
 
     Always reported:
       state_mb  weights and buffers of the whole model (student, heads, every EMA teacher),
@@ -155,16 +218,17 @@ def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.
                              counters): every transient, teacher activations included. Other
                              variants' models, resident on the same GPU, are excluded.
     """
+    model, optimizer = contender.model, contender.optimizer
     weights = distinct_bytes([*model.parameters(), *model.buffers()], device)
     with saved_for_backward(set(weights)) as saved:
-        train_step(model, optimizer, imgs, device, step, view2=stand_in_view2(model, imgs))
+        contender.run_step()
     state = distinct_bytes(state_tensors(model, optimizer), device)  # after: grads and AdamW state exist
     row = {"state_mb": sum(state.values()) / MB, "saved_mb": sum(saved.values()) / MB}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        train_step(model, optimizer, imgs, device, step + 1, view2=stand_in_view2(model, imgs))
+        contender.run_step()
         torch.cuda.synchronize(device)
         rise = torch.cuda.max_memory_allocated(device) - before
         row.update(peak_memory_mb=row["state_mb"] + rise / MB, memory_kind="cuda_peak_allocated")
@@ -173,30 +237,64 @@ def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.
     return row
 
 
+def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
+                device: torch.device, step: int) -> dict:
+    """`measure_memory` of pemae's `train_step` at steps `step` (and `step + 1` on CUDA)."""
+    return measure_memory(Contender(model, optimizer, pemae_steps(model, optimizer, imgs, device, step)),
+                          device)
+
+
 # --------------------------------------------------------------------------------------------
 # Time
 # --------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def time_steps(run_step: StepFn, device: torch.device, count: int) -> float:
+    """Seconds per step over `count` consecutive calls of `run_step` (synchronised at both ends only)."""
+    sync_device(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        run_step()
+    sync_device(device)
+    return (time.perf_counter() - start) / count
+
+
 def timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                 device: torch.device, first_step: int, count: int, amp: str = "auto") -> float:
-    """Seconds per step over `count` consecutive training steps (synchronised at both ends only)."""
-    view2 = stand_in_view2(model, imgs)  # [B, C, H, W] or None
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(count):
-        train_step(model, optimizer, imgs, device, first_step + i, amp, view2=view2)
-    _sync(device)
-    return (time.perf_counter() - start) / count
+    """Seconds per step over `count` consecutive pemae training steps from `first_step`."""
+    return time_steps(pemae_steps(model, optimizer, imgs, device, first_step, amp), device, count)
 
 
 def rotated(names: list[str], shift: int) -> list[str]:
     """`names` rotated left by `shift` (round r starts with a different variant)."""
     shift %= len(names)
     return names[shift:] + names[:shift]
+
+
+def interleaved_rounds(run_steps: dict[str, StepFn], rounds: int, block: int,
+                       device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of every implementation in every round: {name: [one time per round]}.
+
+    Each round times `block` consecutive steps of every implementation, in an order that rotates
+    from round to round, so slow drifts and bursts of noise hit every implementation alike.
+    """
+    gc.collect()
+    samples: dict[str, list[float]] = {name: [] for name in run_steps}
+    for r in range(rounds):
+        for name in rotated(list(run_steps), r):
+            samples[name].append(time_steps(run_steps[name], device, block))
+    return samples
+
+
+def timing_columns(times: list[float], batch: int) -> dict:
+    """step_ms (median over rounds), its min and max, and images_per_s at the median."""
+    median = statistics.median(times)
+    return {"step_ms": 1e3 * median, "step_ms_min": 1e3 * min(times),
+            "step_ms_max": 1e3 * max(times), "images_per_s": batch / median}
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +332,7 @@ def measure_step_cost(cfg: Config, variants: dict[str, dict] = COST_VARIANTS,
     One fixed batch of random images [batch, in_chans, img_size, img_size] (batch defaults to
     cfg.pretrain.batch_size) feeds every step. Each variant gets its model (seeded: identical
     student initialisation), AdamW over `param_groups`, `warmup` untimed steps and one memory
-    measurement (see `step_memory`). Then `steps` timed steps per variant run in rounds: each
+    measurement (see `measure_memory`). Then `steps` timed steps per variant run in rounds: each
     round times `block` consecutive steps of every variant, the order rotating from round to
     round; the step time is the median over rounds. Steps use a steady-state step index
     (`first_measured_step`).
@@ -243,24 +341,15 @@ def measure_step_cost(cfg: Config, variants: dict[str, dict] = COST_VARIANTS,
     row, `*_vs_single` to the `pemae_single` row (the dual row's is dual over single).
     """
     device = resolve_device(device, cfg)
-    d, pc = cfg.data, cfg.pretrain
-    batch = batch_size or pc.batch_size
-    gen = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(batch, d.in_chans, d.img_size, d.img_size, generator=gen).to(device)  # [B, C, H, W]
+    batch = batch_size or cfg.pretrain.batch_size
+    imgs = fixed_batch(cfg, batch, seed).to(device)  # [B, C, H, W]
 
-    models: dict[str, nn.Module] = {}
-    optimizers: dict[str, torch.optim.Optimizer] = {}
-    next_step: dict[str, int] = {}
+    contenders: dict[str, Contender] = {}
     rows: dict[str, dict] = {}
     for name, overrides in variants.items():
-        model = build_variant(cfg, overrides, seed).to(device).train()
-        optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay),
-                                      lr=peak_lr(batch, pc.base_lr), betas=tuple(pc.betas))
-        step = first_measured_step(model)
-        for _ in range(warmup):
-            train_step(model, optimizer, imgs, device, step, view2=stand_in_view2(model, imgs))
-            step += 1
-        models[name], optimizers[name], next_step[name] = model, optimizer, step
+        contenders[name] = pemae_contender(cfg, overrides, imgs, device, seed)
+        warm_up(contenders[name], warmup)
+        model = contenders[name].model
         rows[name] = {
             "variant": name, "batch_size": batch,
             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -268,22 +357,13 @@ def measure_step_cost(cfg: Config, variants: dict[str, dict] = COST_VARIANTS,
             "device": device.type,
         }
 
-    for name in variants:  # after every warm-up, so lazily created workspaces count for none
-        rows[name].update(step_memory(models[name], optimizers[name], imgs, device, next_step[name]))
-        next_step[name] += 2
+    for name, contender in contenders.items():  # after every warm-up: lazy workspaces count for none
+        rows[name].update(measure_memory(contender, device))
 
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    gc.collect()
-    for r in range(math.ceil(steps / block)):
-        for name in rotated(list(variants), r):
-            samples[name].append(timed_steps(models[name], optimizers[name], imgs, device,
-                                             next_step[name], block))
-            next_step[name] += block
-
+    samples = interleaved_rounds({name: c.run_step for name, c in contenders.items()},
+                                 math.ceil(steps / block), block, device)
     for name, times in samples.items():
-        median = statistics.median(times)
-        rows[name].update(step_ms=1e3 * median, step_ms_min=1e3 * min(times),
-                          step_ms_max=1e3 * max(times), images_per_s=batch / median)
+        rows[name].update(timing_columns(times, batch))
     out = list(rows.values())
     add_ratios(out, REFERENCE, "mae")
     add_ratios(out, SINGLE, "single")

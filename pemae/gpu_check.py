@@ -74,7 +74,7 @@ def _cpu_sdpa_backward_flop(grad_out, q, k, v, *args, out_shape=None, **kwargs) 
     return sdpa_backward_flop_count(grad_out, q, k, v)
 
 
-def _flop_counter() -> FlopCounterMode:
+def flop_counter() -> FlopCounterMode:
     """FlopCounterMode that also counts the CPU's fused attention kernel (torch counts only the
     CUDA ones): without it the attention matmuls of timm's blocks would be missed on the CPU."""
     aten = torch.ops.aten
@@ -113,9 +113,9 @@ def flops_per_image(cfg: Config, method_overrides: dict, batch: int = 2,
     imgs = _images(cfg, batch)  # [B, C, H, W]
     view2 = stand_in_view2(model, imgs)  # [B, C, H, W] or None
     step = first_measured_step(model)
-    with _flop_counter() as train:
+    with flop_counter() as train:
         train_step(model, optimizer, imgs, torch.device("cpu"), step, amp="off", view2=view2)
-    with torch.no_grad(), _flop_counter() as forward:
+    with torch.no_grad(), flop_counter() as forward:
         model(imgs, step + 1, view2=view2)
     return {"variant": variant or method_overrides.get("name", "?"),
             "train_flops_per_image": train.get_total_flops() / batch,

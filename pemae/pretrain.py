@@ -124,12 +124,13 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                device: torch.device, step: int, amp: str = "auto",
-               noise: torch.Tensor | None = None, view2: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+               noise: torch.Tensor | None = None, view2: torch.Tensor | None = None,
+               monitor: bool = True) -> dict[str, torch.Tensor]:
     """One whole step on one batch in one process: forward, backward, update (student), then
-    the model's own update (teachers, centres). Returns the model's scalars, detached."""
+    the model's own update (teachers, centres). Returns the model's scalars, detached
+    (`monitor=False`: the loss terms only, as on the training loop's unlogged steps)."""
     optimizer.zero_grad(set_to_none=True)
-    terms = micro_step(model, imgs, step, device, amp, noise, view2=view2)
+    terms = micro_step(model, imgs, step, device, amp, noise, view2=view2, monitor=monitor)
     apply_update(model, optimizer, step)
     return terms
 
