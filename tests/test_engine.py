@@ -444,3 +444,16 @@ def test_small_data_halves_the_batch_until_an_epoch_has_enough_steps(images, wor
     assert got.pretrain.batch_size % (world * accum) == 0
     off = build_config("default", {"pretrain": {"min_steps_per_epoch": 0}})
     assert batch_for_data(off, 1294).pretrain.batch_size == 256  # 0 switches it off
+
+
+@needs_fashion_mnist
+def test_data_loader_workers_change_nothing_but_the_speed(tmp_path):
+    """Every item is seeded by (seed, epoch, index) in its own RNG (`SeededViews`), so worker
+    processes draw the same crops, flips and masks as the main process: the same run bit for bit."""
+    runs = {}
+    for workers in (0, 2):
+        cfg = tiny_config(method={"name": "pemae", "views": 2}, data={"num_workers": workers})
+        pretrain(cfg, tmp_path / f"workers{workers}", progress=False)
+        runs[workers] = tmp_path / f"workers{workers}"
+    assert_same_weights(run_dir_weights(runs[0] / "checkpoint.pt"), run_dir_weights(runs[2] / "checkpoint.pt"))
+    assert list(read_log(runs[0] / "log.csv")["loss"]) == list(read_log(runs[2] / "log.csv")["loss"])
