@@ -186,6 +186,9 @@ class FinetuneConfig:
     mixup_switch_prob: float = knob(0.5, UNIT)  # chance of cutmix rather than mixup (both > 0)
     train_subset: int = knob(0, NON_NEGATIVE)  # labelled images used; 0 = the whole train split
     seed: int = 0
+    # steps between `last.pt` saves (a rerun resumes from it; checkpoint.pt at the end); 0 = no
+    # checkpoint files (an interrupted run starts over)
+    checkpoint_every: int = knob(0, NON_NEGATIVE)
 
     @property
     def mixes(self) -> bool:

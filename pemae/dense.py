@@ -26,6 +26,11 @@ per image. This probe reads one label per pixel, at a cost a 2-core CPU affords:
 The pipeline runs `dense_probe(cfg, encoder.pt)` per run and seed, the random encoder included,
 and writes the dict beside `evaluate.json`; `draw_dense_predictions` draws a few test scenes,
 their ground truth and each encoder's predicted map.
+
+Under `torchrun` (`python -m pemae.cli dense`) every process composes the same scenes, extracts
+the patch features of a contiguous run of whole batches of them (`pemae.distributed.batch_shard`),
+and the features are all-gathered, in scene order, on every process; each process then fits the
+same probe on them. Scores equal one process's.
 """
 
 from __future__ import annotations
@@ -45,13 +50,12 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import Dataset, Subset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pemae import checkpoint  # noqa: E402
+from pemae import checkpoint, distributed  # noqa: E402
 from pemae.config import Config, DataConfig, DenseConfig  # noqa: E402
 from pemae.data import (SPLITS, build_dataset, class_names, denormalise,  # noqa: E402
                         eval_transform, normalisation)
 from pemae.optim import set_lr  # noqa: E402
 from pemae.pos_embed import sincos_2d  # noqa: E402
-from pemae.runtime import pick_device  # noqa: E402
 from pemae.schedules import warmup_cosine  # noqa: E402
 
 BACKGROUND = 0  # label of the pixels no item covers; item classes are shifted by one
@@ -358,22 +362,38 @@ class DenseProbeRun:
         return predict_maps(self.probe, features, pixels.shape[-1])  # [S, H, W]
 
 
+def sharded_patch_features(encoder: nn.Module, pixels: Tensor, cfg: Config, device: torch.device,
+                           procs: distributed.Processes, progress: bool = False,
+                           desc: str = "patch features") -> Tensor:
+    """`patch_features` of every scene [S, C, H, W], whatever the processes: each extracts its run
+    of whole batches, and every process gets all of them, in order: [S, G, G, D]."""
+    batch = cfg.evaluation.batch_size
+    rows = distributed.batch_shard(len(pixels), batch, procs)
+    if len(rows) == 0:  # more processes than batches
+        grid = encoder.patch_embed.grid_size[0]
+        return distributed.gather_rows(torch.zeros(0, grid, grid, encoder.embed_dim), procs)
+    mine = patch_features(encoder, pixels[rows.start:rows.stop], cfg.data, batch, device,
+                          progress and procs.is_main, desc)  # [s, G, G, D]
+    return distributed.gather_rows(mine, procs)  # [S, G, G, D]
+
+
 def dense_probe_encoder(cfg: Config, encoder: nn.Module, device: torch.device,
-                        progress: bool = True) -> DenseProbeRun:
+                        progress: bool = True,
+                        procs: distributed.Processes = distributed.Processes()) -> DenseProbeRun:
     """Fit the dense probe on the train scenes of a frozen encoder (built for `data.img_size`)
-    and score it on the val scenes (when data.val_fraction > 0) and the test scenes."""
+    and score it on the val scenes (when data.val_fraction > 0) and the test scenes; with `procs`
+    distributed, the processes share the feature extraction (the same run on every process)."""
     canvas = canvas_size(cfg)
     encoder = resize_encoder(encoder, canvas).eval().to(device)
     splits = ("train", "val", "test") if cfg.data.val_fraction > 0 else ("train", "test")
     scenes, features = {}, {}
     for split in splits:
         scenes[split] = build_scenes(cfg, split)
-        features[split] = patch_features(encoder, scenes[split].pixels, cfg.data,
-                                         cfg.evaluation.batch_size, device, progress,
-                                         f"{split} patch features")  # [S, G, G, D]
+        features[split] = sharded_patch_features(encoder, scenes[split].pixels, cfg, device, procs,
+                                                 progress, f"{split} patch features")  # [S, G, G, D]
     num_labels = scenes["train"].num_labels
     probe = train_dense_probe(features["train"], scenes["train"].labels, num_labels, cfg.dense,
-                              cfg.evaluation.seed, progress)
+                              cfg.evaluation.seed, progress and procs.is_main)
     metrics = {split: dense_scores(predict_maps(probe, features[split], canvas),  # [S, H, W]
                                    scenes[split].labels, num_labels)
                for split in splits[1:]}
@@ -388,9 +408,21 @@ def dense_probe(cfg: Config, encoder_path: str | Path, progress: bool = True
     mIoU averages the labels present in the ground truth, background included (`mean_iou`). On
     the default scenes about 73% of the pixels are background: a probe that predicts background
     everywhere scores that pixel accuracy and an mIoU near 73 / 11, so read mIoU first."""
-    device = pick_device(cfg.pretrain.device)
-    encoder = checkpoint.load_encoder(encoder_path).eval()
-    return dense_probe_encoder(cfg, encoder, device, progress).metrics
+    procs, device = distributed.start(cfg.pretrain.device)
+    try:
+        encoder = checkpoint.load_encoder(encoder_path).eval()
+        return dense_probe_encoder(cfg, encoder, device, progress, procs).metrics
+    finally:
+        distributed.stop(procs)
+
+
+def figure_maps(run: DenseProbeRun) -> dict:
+    """What the figures notebook draws for a run (`dense_maps.pt`): the first `FIGURE_SCENES`
+    test scenes, their ground truth and the run's predicted maps (as notebook 09 saves them)."""
+    test = build_scenes(run.cfg, "test")
+    shown = test.pixels[:FIGURE_SCENES]  # [S, C, H, W]
+    return {"scenes": shown, "truth": test.labels[:FIGURE_SCENES].to(torch.int16),
+            "maps": run.predict(shown).to(torch.int16), "classes": test.class_names}
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from pemae.runtime import pick_device
 
@@ -104,3 +105,76 @@ def check_replicas_agree(model: nn.Module) -> None:
     if differ:
         raise RuntimeError(f"the processes' model copies differ in {len(differ)} tensors, "
                            f"e.g. {', '.join(differ[:5])}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded evaluation: whole batches per process, gathered back in dataset order
+# --------------------------------------------------------------------------------------------
+def batch_shard(num_items: int, batch_size: int, procs: Processes) -> range:
+    """The items this process handles: a contiguous run of whole `batch_size` batches.
+
+    Every batch a process sees is a batch one process would see too (the same items, the same
+    shape), so per-item results (features, logits) are one process's, bit for bit, and the shards
+    concatenated in rank order are the dataset in order. One process: every item; a process left
+    without a batch (more processes than batches): an empty range.
+    """
+    batches = -(-num_items // batch_size)
+    first = procs.rank * batches // procs.world_size
+    last = (procs.rank + 1) * batches // procs.world_size
+    return range(min(first * batch_size, num_items), min(last * batch_size, num_items))
+
+
+def dataset_shard(dataset: Dataset, batch_size: int, procs: Processes) -> Dataset:
+    """This process's `batch_shard` of `dataset`; the dataset itself in one process."""
+    if not procs.distributed:
+        return dataset
+    return Subset(dataset, batch_shard(len(dataset), batch_size, procs))
+
+
+def collective_device() -> torch.device:
+    """Where the process group's tensors live: this process's GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(rows: torch.Tensor, procs: Processes) -> torch.Tensor:
+    """Every process's rows [n_r, ...] concatenated in rank order, on every process and on the
+    CPU: [sum of n_r, ...]. The shards may differ in length (padded for the all-gather, then
+    trimmed). One process: `rows` itself."""
+    if not procs.distributed:
+        return rows
+    device = collective_device()
+    count = torch.tensor([len(rows)], device=device)  # [1]
+    counts = [torch.zeros_like(count) for _ in range(procs.world_size)]
+    dist.all_gather(counts, count)
+    lengths = [int(c.item()) for c in counts]
+    padded = rows.new_zeros((max(lengths), *rows.shape[1:]), device=device)  # [max n_r, ...]
+    padded[:len(rows)] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in range(procs.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, lengths)])  # [sum of n_r, ...]
+
+
+def sum_over_processes(counts: list[int], procs: Processes) -> list[int]:
+    """Integer counts summed over processes (one all-reduce); `counts` itself in one process."""
+    if not procs.distributed:
+        return counts
+    summed = torch.tensor(counts, dtype=torch.int64, device=collective_device())  # [T]
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def gather_objects(obj: object, procs: Processes) -> list:
+    """Every process's `obj` (picklable: RNG states), in rank order, on every process; [obj] in
+    one process."""
+    if not procs.distributed:
+        return [obj]
+    out: list = [None] * procs.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or the only process (also once the group is gone)."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -3,6 +3,15 @@ pretrained encoder — the CLS token and the average of the patch tokens — or 
 
 Both are fitted on the training split and scored on the validation split (what choices are made
 on) and on the test split (the final table), each with the same fitted probe.
+
+Under `torchrun` every process extracts the features of a contiguous run of whole batches of each
+split (`pemae.distributed.batch_shard`: the batches one process would form, so the features are
+its own, bit for bit), and the runs are all-gathered, in dataset order, on every process. Each
+process then trains the same linear probe on the same cached features, with the same seed: the
+probe is small beside the extraction, and training it whole (rather than with DDP) keeps its
+BatchNorm statistics and its steps exactly those of one process. The k-NN votes are split the
+same way, by whole chunks of the scored split, and their counts summed. So the scores equal one
+process's.
 """
 
 from __future__ import annotations
@@ -14,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from pemae import checkpoint
+from pemae import checkpoint, distributed
 from pemae.config import Config, EvalConfig
 from pemae.data import build_dataset, eval_transform
 from pemae.optim import set_lr
-from pemae.runtime import pick_device, seed_everything
+from pemae.runtime import seed_everything
 from pemae.schedules import warmup_cosine
 
 
@@ -60,12 +69,29 @@ def extract_features(featurise: Featuriser, loader: DataLoader, device: torch.de
 
 
 @torch.no_grad()
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, k: int = 20, temperature: float = 0.07,
-                 chunk: int = 1024) -> float:
-    """Weighted k-NN on cosine similarity (Wu et al. 2018; DINO's protocol): top-1 accuracy in %."""
-    num_classes = int(train_y.max()) + 1
-    k = min(k, len(train_x))
+def split_features(featurise: Featuriser, dataset: Dataset, cfg: Config, device: torch.device,
+                   procs: distributed.Processes, progress: bool = True, desc: str = "features"
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`extract_features` of a whole split, whatever the processes: each extracts its run of
+    whole batches, and every process gets every readout's features [N, D] and the labels [N],
+    in dataset order."""
+    batch = cfg.evaluation.batch_size
+    shard = distributed.dataset_shard(dataset, batch, procs)
+    if len(shard) == 0:  # more processes than batches: learn the readouts' widths from one image
+        feats, labels = extract_features(featurise, DataLoader(Subset(dataset, [0])), device, False)
+        feats, labels = {k: v[:0] for k, v in feats.items()}, labels[:0]  # [0, D] each, [0]
+    else:
+        loader = DataLoader(shard, batch_size=batch, num_workers=cfg.data.num_workers)
+        feats, labels = extract_features(featurise, loader, device, progress and procs.is_main, desc)
+    return ({k: distributed.gather_rows(v, procs) for k, v in feats.items()},  # [N, D] each
+            distributed.gather_rows(labels, procs))  # [N]
+
+
+@torch.no_grad()
+def knn_correct(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                test_y: torch.Tensor, k: int, temperature: float, chunk: int,
+                num_classes: int) -> int:
+    """How many of `test_x` the weighted k-NN classifies right (chunks of `chunk` rows)."""
     train_x = F.normalize(train_x, dim=1)  # [Ntr, D]
     correct = 0
     for start in range(0, len(test_x), chunk):
@@ -75,6 +101,21 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         votes = torch.zeros(len(x), num_classes)  # [b, C]
         votes.scatter_add_(1, train_y[idx], weights)  # [b, C]
         correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
+    return correct
+
+
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, k: int = 20, temperature: float = 0.07,
+                 chunk: int = 1024, procs: distributed.Processes = distributed.Processes()) -> float:
+    """Weighted k-NN on cosine similarity (Wu et al. 2018; DINO's protocol): top-1 accuracy in %.
+
+    With `procs` distributed, each process votes for its run of whole chunks of `test_x` (the
+    chunks one process forms) and the counts are summed: the same accuracy, less work each."""
+    rows = distributed.batch_shard(len(test_x), chunk, procs)
+    mine = slice(rows.start, rows.stop)
+    correct = knn_correct(train_x, train_y, test_x[mine], test_y[mine], min(k, len(train_x)),
+                          temperature, chunk, int(train_y.max()) + 1)
+    (correct,) = distributed.sum_over_processes([correct], procs)
     return 100.0 * correct / len(test_x)
 
 
@@ -149,38 +190,48 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
 
 def evaluate_features(cfg: Config, featurise: Featuriser, device: torch.device,
-                      progress: bool = True) -> dict:
+                      progress: bool = True,
+                      procs: distributed.Processes = distributed.Processes()) -> dict:
     """k-NN and linear-probe top-1 (%) of every readout of `featurise`, fitted on the training
     split, scored on val (when data.val_fraction > 0) and test:
-    {"val": {readout: {"knn_top1", "linear_top1"}}, "test": {...}}."""
+    {"val": {readout: {"knn_top1", "linear_top1"}}, "test": {...}}; the same on every process."""
     ec = cfg.evaluation
     seed_everything(ec.seed)
     splits = ("train", "val", "test") if cfg.data.val_fraction > 0 else ("train", "test")
     features = {}
     for split in splits:
         dataset = build_dataset(cfg.data, split, eval_transform(cfg.data))
-        loader = DataLoader(dataset, batch_size=ec.batch_size, num_workers=cfg.data.num_workers)
-        features[split] = extract_features(featurise, loader, device, progress, f"{split} features")
+        features[split] = split_features(featurise, dataset, cfg, device, procs, progress,
+                                         f"{split} features")
     train_feats, train_y = features["train"]
+    progress = progress and procs.is_main
     scores: dict = {split: {} for split in splits[1:]}
     for readout, train_x in train_feats.items():
-        probe = train_linear_probe(train_x, train_y, ec, progress)
+        probe = train_linear_probe(train_x, train_y, ec, progress)  # the same on every process
         for split in splits[1:]:
             x, y = features[split][0][readout], features[split][1]
-            scores[split][readout] = {
-                "knn_top1": round(knn_accuracy(train_x, train_y, x, y, ec.knn_k, ec.knn_temperature), 2),
-                "linear_top1": round(probe_accuracy(probe, x, y), 2),
-            }
+            knn = knn_accuracy(train_x, train_y, x, y, ec.knn_k, ec.knn_temperature, procs=procs)
+            scores[split][readout] = {"knn_top1": round(knn, 2),
+                                      "linear_top1": round(probe_accuracy(probe, x, y), 2)}
     return scores
 
 
 def evaluate_encoder(cfg: Config, encoder_path: str | Path, progress: bool = True) -> dict:
-    """`evaluate_features` on the CLS and average-patch readouts of an exported encoder."""
-    device = pick_device(cfg.pretrain.device)
-    encoder = checkpoint.load_encoder(encoder_path).eval().to(device)
-    return evaluate_features(cfg, encoder_readouts(encoder), device, progress)
+    """`evaluate_features` on the CLS and average-patch readouts of an exported encoder; one
+    process, or every process of a `torchrun` launch (the same scores on each)."""
+    procs, device = distributed.start(cfg.pretrain.device)
+    try:
+        encoder = checkpoint.load_encoder(encoder_path).eval().to(device)
+        return evaluate_features(cfg, encoder_readouts(encoder), device, progress, procs)
+    finally:
+        distributed.stop(procs)
 
 
 def evaluate_pixels(cfg: Config, progress: bool = True) -> dict:
-    """`evaluate_features` on the raw pixels: the baseline every encoder is read against."""
-    return evaluate_features(cfg, pixel_readout, torch.device("cpu"), progress)
+    """`evaluate_features` on the raw pixels: the baseline every encoder is read against (on the
+    CPU; under `torchrun`, its processes share the extraction over gloo)."""
+    procs, device = distributed.start("cpu")
+    try:
+        return evaluate_features(cfg, pixel_readout, device, progress, procs)
+    finally:
+        distributed.stop(procs)

@@ -42,7 +42,8 @@ PAPER = {
                  "layer_decay": 0.65, "drop_path": 0.1, "label_smoothing": 0.1,
                  "global_pool": "avg", "crop_min_scale": 0.08,
                  "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup": 0.8,
-                 "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5},
+                 "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+                 "checkpoint_every": 1000},
     # MAE's Table 10: LARS, base lr 0.1 at batch 16384 (lr 6.4), 90 epochs, 10 warm-up, no decay
     "evaluation": {"batch_size": 1024, "linear_optimizer": "lars", "linear_epochs": 90,
                    "linear_warmup_epochs": 10, "linear_base_lr": 0.1, "linear_batch_size": 16384,

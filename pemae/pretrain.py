@@ -212,10 +212,13 @@ def interrupted_state(paths: list[Path]) -> tuple[Path, dict] | None:
     return None
 
 
-def refuse_other_config(state: dict, cfg: Config, what: str, remedy: str) -> None:
-    """A ConfigError naming every key (but `RESUMABLE_KEYS`) where the checkpoint `state` was
-    written with another config than `cfg`: "<what> with a different config ...", then `remedy`."""
-    differences = config_differences(state["config"], cfg.to_dict(), PRETRAIN_SECTIONS, RESUMABLE_KEYS)
+def refuse_other_config(state: dict, cfg: Config, what: str, remedy: str,
+                        sections: tuple[str, ...] = PRETRAIN_SECTIONS,
+                        resumable: tuple[str, ...] = RESUMABLE_KEYS) -> None:
+    """A ConfigError naming every key of `sections` (but `resumable`) where the checkpoint `state`
+    was written with another config than `cfg`: "<what> with a different config ...", then
+    `remedy`."""
+    differences = config_differences(state["config"], cfg.to_dict(), sections, resumable)
     if differences:
         raise ConfigError(f"{what} with a different config (checkpoint -> now):\n  "
                           + "\n  ".join(differences) + f"\n{remedy}")

@@ -11,6 +11,11 @@ Every random choice about the data is a function of (seed, epoch, image index) a
 So a run's batches do not depend on the number of processes, `accum_steps`, `num_workers`, or on
 being resumed mid-epoch: one process with batch 2B, two with B each, and B with 2 accumulation
 steps see the same images, augmented and masked alike.
+
+Fine-tuning keeps the sampling it always had (torch's RandomSampler on a seeded generator, the
+augmentation drawn from the loading process's RNG); `ShardedBatches` splits its global batches
+over processes and resumes an epoch mid-way, `RankSeededWorkers` keeps the processes' DataLoader
+workers from drawing the same crops (pemae.finetune).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
+
+from pemae.runtime import seed_everything
 
 
 def mixed_seed(*parts: int) -> int:
@@ -98,3 +105,45 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 block = a * self.world_size + self.rank
                 ids = batch[block * self.micro_batch:(block + 1) * self.micro_batch]  # [micro]
                 yield (ids + epoch * self.num_images).tolist()
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """This process's part of each global batch of `batches` (a BatchSampler, shuffled by its own
+    generator, the same on every process): rank r of w takes the r-th of w equal contiguous
+    blocks. One process: the batches themselves.
+
+    `resume_at(k)` makes the next epoch start at its batch k: batches 0..k-1 are still drawn (no
+    image is loaded), so the shuffling generator ends the epoch where an uninterrupted one does.
+    """
+
+    def __init__(self, batches: BatchSampler, world_size: int = 1, rank: int = 0):
+        if batches.batch_size % world_size:
+            raise ValueError(f"batch {batches.batch_size} does not split into {world_size} equal parts")
+        self.batches, self.world_size, self.rank = batches, world_size, rank
+        self.part = batches.batch_size // world_size
+        self.skip = 0
+
+    def resume_at(self, batch: int) -> None:
+        """Start the next epoch at its batch `batch` (a run resumed mid-epoch)."""
+        self.skip = batch
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.batches):  # drawn to the end: the generator moves as always
+            if i >= skip:
+                yield batch[self.rank * self.part:(self.rank + 1) * self.part]
+
+
+class RankSeededWorkers:
+    """A DataLoader `worker_init_fn` for several processes: their loaders draw the same base seed
+    (from the shared shuffling generator), so worker w of every process would draw the same
+    crops; this reseeds each worker (Python, NumPy, torch) from its seed and the rank."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        seed_everything(mixed_seed(torch.initial_seed(), self.rank))  # initial: base seed + worker id

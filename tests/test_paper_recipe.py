@@ -111,22 +111,25 @@ CODE_DIFFERENCES = {
                       "of the patch tokens",
     "precision": "bf16 autocast on CUDA (pretrain.amp auto; fine-tuning likewise) where MAE uses "
                  "fp16 with a loss scaler: bf16 needs no scaler and does not overflow",
-    "fine-tuning processes": "fine-tuning and probing run in one process (no DDP, no "
-                             "accumulation): batch 1024 of ViT-B needs one large GPU, or a "
-                             "smaller finetune.batch_size (the lr follows base_lr x batch / 256)",
+    "fine-tuning processes": "fine-tuning runs under torchrun with DDP (finetune.batch_size is the "
+                             "global batch) but without gradient accumulation; the probes share "
+                             "the feature extraction over the processes and train the probe on "
+                             "the gathered features in each (no DDP)",
     "posterize": "timm's RandAugment posterize at magnitude 10 keeps 0 bits; Pillow 13 refuses "
                  "that, so pemae returns the black image older Pillow gave "
                  "(pemae.data.BlackBelowOneBit)",
 }
 
-NOT_IN_MAE_PREFIXES = ("method.",)  # PEMAE's own knobs (the MAE baseline run sets method.name=mae)
+# PEMAE's own knobs (the MAE baseline run sets method.name=mae); the dense probe, an evaluation
+# MAE does not have (the paper's segmentation is ADE20K with UperNet)
+NOT_IN_MAE_PREFIXES = ("method.", "dense.")
 NOT_IN_MAE = {  # where or how fast it runs, bookkeeping, or evaluations MAE does not publish
     "data.root", "data.download", "data.train_subset", "data.test_subset", "data.split_seed",
     "data.num_workers", "data.skip_bad",
     "pretrain.min_steps_per_epoch",  # halves the batch on small data sets only; not on ImageNet
     "pretrain.seed", "pretrain.device", "pretrain.amp", "pretrain.log_every",
     "pretrain.checkpoint_every", "pretrain.resume", "pretrain.overwrite",
-    "finetune.seed",
+    "finetune.seed", "finetune.checkpoint_every",
     "evaluation.batch_size",  # feature extraction
     "evaluation.knn_k", "evaluation.knn_temperature",  # k-NN: DINO's protocol, not in MAE
     "evaluation.linear_lr",  # unused: linear_base_lr > 0 sets the lr
