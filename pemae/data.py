@@ -130,15 +130,48 @@ def _random_crop_flip(cfg: DataConfig, min_scale: float) -> list[Callable]:
     return ops
 
 
+class CropFlipNormalise:
+    """`v2.Compose(_random_crop_flip(cfg, min_scale) + _to_normalised_tensor(cfg))` on a PIL image,
+    bit for bit, in one call: v2's own crop parameters (the same random draws, in the same order),
+    PIL's crop and bicubic resize as v2 calls them, the flip on `torch.rand(1) < 0.5` as v2 draws
+    it, and v2's uint8 -> float scaling and normalisation arithmetic. What it saves is v2's
+    per-transform dispatch, most of the pretraining data path's time (tests/test_data.py checks
+    the equality item by item)."""
+
+    def __init__(self, cfg: DataConfig, min_scale: float):
+        self.reference = v2.Compose(_random_crop_flip(cfg, min_scale) + _to_normalised_tensor(cfg))
+        self.crop = self.reference.transforms[0]  # v2.RandomResizedCrop: its parameters only
+        self.size = (cfg.img_size, cfg.img_size)  # (width, height) for PIL
+        self.hflip = cfg.hflip
+        mean, std = normalisation(cfg)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)  # [C, 1, 1]
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)  # [C, 1, 1]
+
+    def __call__(self, img: Image.Image | Tensor) -> Tensor:
+        if not isinstance(img, Image.Image):  # a tensor [C, H, W]: v2's own tensor kernels
+            return self.reference(img)
+        box = self.crop.make_params([img])  # top, left, height, width
+        img = img.crop((box["left"], box["top"], box["left"] + box["width"], box["top"] + box["height"]))
+        if img.size != self.size:
+            img = img.resize(self.size, Image.BICUBIC)
+        if self.hflip and torch.rand(1) < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(img, copy=True)).view(img.size[1], img.size[0], -1)  # [H, W, C] uint8
+        x = x.permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)  # [C, H, W] in [0, 1]
+        return x.sub(self.mean).div_(self.std)  # [C, H, W]
+
+
 def pretrain_transform(cfg: DataConfig) -> Callable:
-    """MAE pre-training augmentation: RandomResizedCrop(scale=(crop_min_scale, 1)), flip, normalise."""
-    return v2.Compose(_random_crop_flip(cfg, cfg.crop_min_scale) + _to_normalised_tensor(cfg))
+    """MAE pre-training augmentation: RandomResizedCrop(scale=(crop_min_scale, 1)), flip, normalise
+    (`CropFlipNormalise`: torchvision's v2 transforms, computed in one call)."""
+    return CropFlipNormalise(cfg, cfg.crop_min_scale)
 
 
 def finetune_transform(cfg: DataConfig, crop_min_scale: float = 0.08) -> Callable:
     """A light fine-tuning augmentation: RandomResizedCrop(scale=(crop_min_scale, 1)), flip,
-    normalise (0.08 is the Inception / MAE crop; small images keep more: finetune.crop_min_scale)."""
-    return v2.Compose(_random_crop_flip(cfg, crop_min_scale) + _to_normalised_tensor(cfg))
+    normalise (0.08 is the Inception / MAE crop; small images keep more: finetune.crop_min_scale);
+    `CropFlipNormalise`, as pretraining."""
+    return CropFlipNormalise(cfg, crop_min_scale)
 
 
 def uses_timm_augmentation(fc: FinetuneConfig) -> bool:

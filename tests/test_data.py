@@ -417,3 +417,34 @@ def test_train_val_indices_sizes(n, fraction, expected):
     train, val = data.train_val_indices(n, fraction, seed=0)
     assert len(val) == expected and len(train) == n - expected
     assert sorted(train + val) == list(range(n))
+
+
+@pytest.mark.parametrize("in_chans, img_size, shape, hflip, min_scale", [
+    (1, 28, (28, 28), True, 0.2),  # the default: Fashion-MNIST as it is
+    (1, 32, (8, 8), True, 0.2),  # digits, upsampled
+    (3, 32, (30, 45), False, 0.08),  # RGB, not square, no flip
+    (3, 24, (64, 64), True, 1.0),  # downsampled, no scale jitter
+])
+def test_pretraining_augmentation_is_torchvisions_bit_for_bit(in_chans, img_size, shape, hflip, min_scale):
+    """`CropFlipNormalise` is the v2 pipeline it replaces: the same tensors and the same RNG use."""
+    cfg = data_cfg(img_size=img_size, in_chans=in_chans, hflip=hflip, mean=[0.3] * in_chans,
+                   std=[0.2] * in_chans)
+    reference = v2.Compose(data._random_crop_flip(cfg, min_scale) + data._to_normalised_tensor(cfg))
+    fast = data.CropFlipNormalise(cfg, min_scale)
+    rng = np.random.default_rng(0)
+    mode = "L" if in_chans == 1 else "RGB"
+    for seed in range(200):
+        pixels = rng.integers(0, 256, size=shape + ((3,) if in_chans == 3 else ()), dtype=np.uint8)
+        img = Image.fromarray(pixels).convert(mode)
+        outs = []
+        for transform in (reference, fast):
+            torch.manual_seed(seed)
+            outs.append((transform(img), torch.rand(1)))  # the image, then the RNG's next draw
+        (want, next_want), (got, next_got) = outs
+        assert got.shape == (in_chans, img_size, img_size) and got.dtype == torch.float32
+        assert torch.equal(got, want) and torch.equal(next_got, next_want), seed
+    tensor = v2.functional.pil_to_tensor(img)  # [C, H, W] uint8: v2's tensor path, as before
+    torch.manual_seed(0)
+    want = reference(tensor)
+    torch.manual_seed(0)
+    assert torch.equal(fast(tensor), want)
