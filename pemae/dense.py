@@ -54,7 +54,7 @@ from pemae import checkpoint, distributed  # noqa: E402
 from pemae.config import Config, DataConfig, DenseConfig  # noqa: E402
 from pemae.data import (SPLITS, build_dataset, class_names, denormalise,  # noqa: E402
                         eval_transform, normalisation)
-from pemae.optim import set_lr  # noqa: E402
+from pemae.evaluate import fit_on_cached  # noqa: E402
 from pemae.pos_embed import sincos_2d  # noqa: E402
 from pemae.schedules import warmup_cosine  # noqa: E402
 
@@ -286,20 +286,11 @@ def train_dense_probe(features: Tensor, labels: Tensor, num_labels: int, cfg: De
     steps_per_epoch = len(features) // batch
     total = cfg.epochs * steps_per_epoch
     size = labels.shape[-1]
-    step = 0
-    probe.train()
-    for _ in tqdm(range(cfg.epochs), disable=not progress, desc="dense probe epochs"):
-        order = torch.randperm(len(features), generator=generator)  # [S]
-        for i in range(steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]  # [B]
-            set_lr(opt, warmup_cosine(step, total, cfg.lr, 0.0, 0))
-            logits = pixel_logits(probe.classify(standardised[idx]), size)  # [B, K, H, W]
-            loss = F.cross_entropy(logits, labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    return probe.eval()
+    return fit_on_cached(probe, opt, len(features), batch, cfg.epochs, generator,
+                         lambda step: warmup_cosine(step, total, cfg.lr, 0.0, 0),
+                         lambda idx: F.cross_entropy(pixel_logits(probe.classify(standardised[idx]), size),
+                                                     labels[idx]),  # logits [B, K, H, W]
+                         progress, "dense probe epochs")
 
 
 @torch.no_grad()

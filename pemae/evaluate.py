@@ -144,6 +144,28 @@ def probe_peak_lr(cfg: EvalConfig, batch: int) -> float:
     return cfg.linear_base_lr * batch / 256 if cfg.linear_base_lr > 0 else cfg.linear_lr
 
 
+def fit_on_cached(probe: nn.Module, opt: torch.optim.Optimizer, num_items: int, batch: int,
+                  epochs: int, generator: torch.Generator, lr_at: Callable[[int], float],
+                  loss_of: Callable[[torch.Tensor], torch.Tensor], progress: bool = False,
+                  desc: str = "probe epochs") -> nn.Module:
+    """Train a probe on cached features: each epoch a fresh order of the `num_items` items
+    (`generator`), full batches only, the lr of each step from `lr_at(step)`, and `loss_of(idx)`
+    the loss of the items `idx` [batch]. Returns the probe in eval mode."""
+    step = 0
+    probe.train()
+    for _ in tqdm(range(epochs), disable=not progress, desc=desc):
+        order = torch.randperm(num_items, generator=generator)  # [num_items]
+        for i in range(num_items // batch):
+            idx = order[i * batch:(i + 1) * batch]  # [batch]
+            set_lr(opt, lr_at(step))
+            loss = loss_of(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return probe.eval()
+
+
 def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, cfg: EvalConfig,
                        progress: bool = False) -> nn.Module:
     """MAE's linear probe on frozen features: BatchNorm without affine, then a linear layer,
@@ -162,19 +184,10 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, cfg: EvalCo
     total = cfg.linear_epochs * steps_per_epoch
     lr = probe_peak_lr(cfg, batch)
     warmup = min(total, round(cfg.linear_warmup_epochs * steps_per_epoch))
-    step = 0
-    probe.train()
-    for _ in tqdm(range(cfg.linear_epochs), disable=not progress, desc="linear probe epochs"):
-        order = torch.randperm(len(train_x), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            set_lr(opt, warmup_cosine(step, total, lr, 0.0, warmup))
-            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    return probe.eval()
+    return fit_on_cached(probe, opt, len(train_x), batch, cfg.linear_epochs, gen,
+                         lambda step: warmup_cosine(step, total, lr, 0.0, warmup),
+                         lambda idx: F.cross_entropy(probe(train_x[idx]), train_y[idx]),
+                         progress, "linear probe epochs")
 
 
 @torch.no_grad()
