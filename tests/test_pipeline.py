@@ -71,7 +71,8 @@ def stages(stage: str, runs, seeds=SEEDS) -> set[str]:
 def test_repro_builds_every_stage_then_is_up_to_date(repo):
     runs = yaml.safe_load((repo / "params.yaml").read_text())["runs"]
     first = stages_run(run(["dvc", "repro"], repo))
-    expected = stages("pretrain", runs) | stages("evaluate", runs) | stages("finetune", runs)
+    expected = (stages("pretrain", runs) | stages("evaluate", runs) | stages("finetune", runs)
+                | stages("dense", runs))
     assert first == expected | {f"pixels@{s}" for s in SEEDS} | {"figures", "cost"}
     table = (repo / "results" / "results.md").read_text()
     assert all(f"| {r} |" in table for r in [*runs, "pixels"])
@@ -81,7 +82,7 @@ def test_repro_builds_every_stage_then_is_up_to_date(repo):
         for seed in SEEDS:
             assert (repo / "results" / "runs" / run_name / f"seed{seed}" / "evaluate.json").is_file()
     for png in ("pretrain_loss", "reconstructions", "accuracy", "results_table", "loss_terms",
-                "collapse_monitors", "attention_maps", "pseudo_label_maps", "cost"):
+                "collapse_monitors", "attention_maps", "pseudo_label_maps", "cost", "dense_predictions"):
         assert (repo / "results" / "figures" / f"{png}.png").stat().st_size > 1000
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == set()
@@ -93,12 +94,12 @@ def test_exp_run_reruns_only_what_depends_on_the_changed_knob(repo):
     runs = yaml.safe_load((repo / "params.yaml").read_text())["runs"]
     out = run(["dvc", "exp", "run", "-S", "finetune.epochs=2"], repo)
     assert stages_run(out) == stages("finetune", runs) | {"figures"}
-    out = run(["dvc", "exp", "run", "-S", "evaluation.knn_k=5"], repo)
+    out = run(["dvc", "exp", "run", "-S", "evaluation.knn_k=5"], repo)  # not the dense probe's
     assert stages_run(out) == stages("evaluate", runs) | {f"pixels@{s}" for s in SEEDS} | {"figures"}
     # a key the run does not set yet is added with a leading `+` (DVC's override syntax)
     out = run(["dvc", "exp", "run", "-S", "+runs.pemae.method.lambda_cls=0.5"], repo)
     assert stages_run(out) == (stages("pretrain", ["pemae"]) | stages("evaluate", ["pemae"])
-                               | stages("finetune", ["pemae"]) | {"figures"})
+                               | stages("finetune", ["pemae"]) | stages("dense", ["pemae"]) | {"figures"})
 
 
 def test_the_small_data_check_runs_from_the_study_pipeline(repo):
