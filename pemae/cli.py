@@ -112,14 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_argument(source)
     source.add_argument("--pixels", action="store_true",
                         help="evaluate the raw pixels (the baseline) instead of an encoder")
-    p = commands.add_parser("finetune", help="fine-tune the encoder: OUT/finetune/log.csv and "
-                                             "summary.json (resumes an interrupted run)")
-    add_config_arguments(p)
-    add_encoder_argument(p)
-    p = commands.add_parser("dense", help="the dense probe of the frozen encoder: OUT/dense.json "
-                                          "(and dense_maps.pt, for the figures)")
-    add_config_arguments(p)
-    add_encoder_argument(p)
+    for name, text in (("finetune", "fine-tune the encoder: OUT/finetune/log.csv and summary.json "
+                                    "(resumes an interrupted run)"),
+                       ("dense", "the dense probe of the frozen encoder: OUT/dense.json (and "
+                                 "dense_maps.pt, for the figures)")):
+        p = commands.add_parser(name, help=text)
+        add_config_arguments(p)
+        add_encoder_argument(p)
     return parser
 
 
