@@ -411,7 +411,7 @@ def figure_maps(run: DenseProbeRun) -> dict:
     """What the figures notebook draws for a run (`dense_maps.pt`): the first `FIGURE_SCENES`
     test scenes, their ground truth and the run's predicted maps (as notebook 09 saves them)."""
     test = build_scenes(run.cfg, "test")
-    shown = test.pixels[:FIGURE_SCENES]  # [S, C, H, W]
+    shown = test.pixels[:FIGURE_SCENES].clone()  # [S, C, H, W]; a copy: a slice saves every scene
     return {"scenes": shown, "truth": test.labels[:FIGURE_SCENES].to(torch.int16),
             "maps": run.predict(shown).to(torch.int16), "classes": test.class_names}
 
