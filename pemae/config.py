@@ -198,7 +198,7 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = knob(512, POSITIVE)  # feature extraction
+    batch_size: int = knob(128, POSITIVE)  # feature extraction (and accuracy): 128 runs 1.6x faster than 512 on a 2-core CPU, same bits
     knn_k: int = knob(20, POSITIVE)
     knn_temperature: float = knob(0.07, POSITIVE)
     linear_optimizer: str = knob("adamw", one_of("adamw", "lars"))  # lars: MAE's (timm's)
