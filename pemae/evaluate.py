@@ -17,7 +17,7 @@ process's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pemae import checkpoint, distributed
 from pemae.config import Config, EvalConfig
-from pemae.data import build_dataset, eval_transform
+from pemae.data import build_dataset, eval_batches, eval_transform
 from pemae.optim import set_lr
 from pemae.runtime import seed_everything
 from pemae.schedules import warmup_cosine
@@ -55,7 +55,7 @@ def pixel_readout(imgs: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def extract_features(featurise: Featuriser, loader: DataLoader, device: torch.device,
+def extract_features(featurise: Featuriser, loader: Iterable, device: torch.device,
                      progress: bool = True, desc: str = "features"
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every readout's features ({name: [N, D]}) and the labels [N] of a whole dataset."""
@@ -81,7 +81,7 @@ def split_features(featurise: Featuriser, dataset: Dataset, cfg: Config, device:
         feats, labels = extract_features(featurise, DataLoader(Subset(dataset, [0])), device, False)
         feats, labels = {k: v[:0] for k, v in feats.items()}, labels[:0]  # [0, D] each, [0]
     else:
-        loader = DataLoader(shard, batch_size=batch, num_workers=cfg.data.num_workers)
+        loader = eval_batches(shard, batch, cfg.data.num_workers)
         feats, labels = extract_features(featurise, loader, device, progress and procs.is_main, desc)
     return ({k: distributed.gather_rows(v, procs) for k, v in feats.items()},  # [N, D] each
             distributed.gather_rows(labels, procs))  # [N]

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ from tqdm.auto import tqdm
 
 from pemae import checkpoint, distributed
 from pemae.config import Config, ConfigError, FinetuneConfig
-from pemae.data import (build_dataset, eval_transform, finetune_train_transform, fixed_subset,
+from pemae.data import (build_dataset, eval_batches, eval_transform, finetune_train_transform, fixed_subset,
                         num_classes)
 from pemae.encoder import build_encoder
 from pemae.optim import layer_decay_param_groups, set_lr
@@ -94,7 +95,7 @@ def classifier_from_encoder(encoder_path: str | Path, cfg: Config, classes: int)
 
 
 @torch.no_grad()
-def correct_count(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[int, int]:
+def correct_count(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[int, int]:
     """(images classified right, images) over `loader`."""
     model.eval()
     correct = total = 0
@@ -106,7 +107,7 @@ def correct_count(model: nn.Module, loader: DataLoader, device: torch.device) ->
     return correct, total
 
 
-def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+def accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> float:
     """Top-1 accuracy in %."""
     correct, total = correct_count(model, loader, device)
     return 100.0 * correct / total
@@ -117,8 +118,7 @@ def split_accuracy(model: nn.Module, dataset: Dataset, cfg: Config, device: torc
     """Top-1 accuracy (%) on a whole split: each process counts its run of whole batches
     (`pemae.distributed.batch_shard`), the counts are summed; the same on every process."""
     shard = distributed.dataset_shard(dataset, cfg.evaluation.batch_size, procs)
-    loader = DataLoader(shard, batch_size=cfg.evaluation.batch_size,
-                        num_workers=cfg.data.num_workers)
+    loader = eval_batches(shard, cfg.evaluation.batch_size, cfg.data.num_workers)
     counts = distributed.sum_over_processes(list(correct_count(model, loader, device)), procs)
     correct, total = counts
     return 100.0 * correct / total

@@ -448,3 +448,43 @@ def test_pretraining_augmentation_is_torchvisions_bit_for_bit(in_chans, img_size
     want = reference(tensor)
     torch.manual_seed(0)
     assert torch.equal(fast(tensor), want)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation batches: whole uint8 batches converted at once, the DataLoader's tensors exactly
+# --------------------------------------------------------------------------------------------
+def loader_batches(dataset, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(torch.utils.data.DataLoader(dataset, batch_size=batch))
+
+
+@pytest.mark.parametrize("split, values", [
+    ("train", {}),
+    ("train", {"val_fraction": 0.3, "train_subset": 16}),  # a subset of a subset
+    ("val", {"val_fraction": 0.3}),
+    ("test", {"test_subset": 7}),
+])
+def test_eval_batches_are_the_dataloaders_tensors_bit_for_bit(tmp_path, no_debian, split, values):
+    fake_fashion_mnist(tmp_path)
+    cfg = data_cfg(root=str(tmp_path), download=False, **values)
+    dataset = data.build_dataset(cfg, split, data.eval_transform(cfg))
+    shard = Subset(dataset, range(1, len(dataset)))  # as a process shard wraps it once more
+    for ds in (dataset, shard):
+        fast = data.eval_batches(ds, 4)
+        assert isinstance(fast, data.TensorBatches)
+        expected = loader_batches(ds, 4)
+        got = list(fast)
+        assert len(fast) == len(got) == len(expected)
+        for (x, y), (x_ref, y_ref) in zip(got, expected):
+            assert x.dtype == x_ref.dtype and y.dtype == y_ref.dtype
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("values", [{"img_size": 32}, {"in_chans": 3}])
+def test_eval_batches_fall_back_to_a_dataloader_where_the_transform_does_more(tmp_path, no_debian, values):
+    fake_fashion_mnist(tmp_path)
+    cfg = data_cfg(root=str(tmp_path), download=False, **values)
+    dataset = data.build_dataset(cfg, "test", data.eval_transform(cfg))  # resized, or converted to RGB
+    batches = data.eval_batches(dataset, 4)
+    assert isinstance(batches, torch.utils.data.DataLoader)
+    x, _ = next(iter(batches))
+    assert x.shape == (4, cfg.in_chans, cfg.img_size, cfg.img_size)
