@@ -3,6 +3,7 @@
     python -m pemae.bench                                   # sizes issue and default, on the CPU/GPU
     python -m pemae.bench --size tiny --rounds 1 --steps 1 --warmup 1 --out /tmp/bench_tiny
     python -m pemae.bench --size issue --device cuda --dtype bf16 --out results/bench
+    python -m pemae.bench --size default --compile --out results/bench/compiled
 
 The peers need the `bench` extra (`pip install -e '.[bench]'`: transformers, lightly); a peer
 whose library is missing is skipped with a printed note and pemae's rows still run. Writes
@@ -19,7 +20,9 @@ implementation, in an order that rotates from round to round (`pemae.cost.interl
 img/s is at the median step time over rounds. The achieved FLOP/s of each step is given as a
 fraction of a 2048 x 2048 matmul's peak measured at the start on the same device, in the
 step's dtype (fp32: the sgemm peak). `--dtype bf16` runs every implementation under
-`torch.autocast(device_type=..., dtype=torch.bfloat16)`.
+`torch.autocast(device_type=..., dtype=torch.bfloat16)`. `--compile` compiles every implementation
+(`torch.compile` of its model's forward, in place) after the FLOPs and memory are measured in eager
+mode; one step each compiles it (its seconds: `compile s`), then the rounds run compiled.
 
 Implementations (rows):
   pemae_mae      pemae's MAE (`build_pretrain_model`, method mae), pemae's `train_step`
@@ -471,10 +474,24 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def compile_contenders(contenders: dict[str, Contender], rows: dict[str, dict]) -> None:
+    """`torch.compile` every implementation's model in place (its forward: pemae's and the peers'
+    alike) and run one step each to compile it; the seconds it took go into `compile_s`."""
+    for name, contender in contenders.items():
+        contender.model.compile()
+        start = time.perf_counter()
+        contender.run_step()  # compiles the forward, then the backward graph
+        rows[name]["compile_s"] = time.perf_counter() - start
+
+
 def benchmark_size(size: str, device: torch.device, dtype: str, gemm_peak: float,
                    rounds: int, warmup: int, steps: int, seed: int = 0,
-                   batch_size: int | None = None, verbose: bool = True) -> dict:
-    """Every available implementation at one size: rows, ratios and the skipped peers."""
+                   batch_size: int | None = None, verbose: bool = True,
+                   compile: bool = False) -> dict:
+    """Every available implementation at one size: rows, ratios and the skipped peers.
+
+    `compile`: FLOPs and memory are measured in eager mode, then every model is compiled
+    (`compile_contenders`) and the timed rounds run compiled."""
     cfg = size_config(size)
     amp = DTYPES[dtype][0]
     batch = batch_size or cfg.pretrain.batch_size
@@ -491,6 +508,8 @@ def benchmark_size(size: str, device: torch.device, dtype: str, gemm_peak: float
     for name, contender in contenders.items():  # after every warm-up
         rows[name]["flops_per_step"] = count_flops(contender.run_step)
         rows[name].update(measure_memory(contender, device))
+    if compile:
+        compile_contenders(contenders, rows)
 
     samples = interleaved_rounds({n: c.run_step for n, c in contenders.items()}, rounds, steps, device)
     for name, times in samples.items():
@@ -511,7 +530,8 @@ def shown_row(row: dict) -> dict:
             "img/s": row["images_per_s"], "step ms": row["step_ms"], "min ms": row["step_ms_min"],
             "max ms": row["step_ms_max"], "peak MB": row["peak_memory_mb"],
             "GFLOP/step": row["gflop_per_step"], "GFLOP/s": row["achieved_gflop_s"],
-            "% of gemm peak": 100 * row["peak_fraction"]}
+            "% of gemm peak": 100 * row["peak_fraction"],
+            **({"compile s": row["compile_s"]} if "compile_s" in row else {})}
 
 
 def size_markdown(result: dict, meta: dict) -> str:
@@ -519,7 +539,8 @@ def size_markdown(result: dict, meta: dict) -> str:
     rows = [shown_row(r) for r in result["rows"]]
     kind = result["rows"][0]["memory_kind"] if result["rows"] else "-"
     lines = [f"## size `{result['size']}`", "",
-             f"{result['description']}; {meta['dtype']} on {meta['device']} "
+             f"{result['description']}; {meta['dtype']}{', compiled' if meta.get('compile') else ''} "
+             f"on {meta['device']} "
              f"({meta['device_name']}, {meta['threads']} threads); memory: {kind}; "
              f"gemm peak ({GEMM_SIZE}x{GEMM_SIZE} {meta['dtype']} matmul): "
              f"{meta['gemm_peak_gflop_s']:.1f} GFLOP/s", "",
@@ -554,19 +575,20 @@ def device_name(device: torch.device) -> str:
 
 def run_benchmark(sizes: list[str], rounds: int = 3, warmup: int = 2, steps: int = 5,
                   device: str = "auto", dtype: str = "fp32", out: str | Path | None = None,
-                  seed: int = 0, batch_size: int | None = None, verbose: bool = True) -> dict:
+                  seed: int = 0, batch_size: int | None = None, verbose: bool = True,
+                  compile: bool = False) -> dict:
     """Benchmark every size; print each size's tables as it finishes and write `out` if given."""
     dev = pick_device(device, "--device")
     gemm_peak = gemm_peak_flops(dev, DTYPES[dtype][1])
     versions = ", ".join(library_version(lib) for lib in
                          ("torch", "timm", "transformers", "lightly") if lib not in MISSING)
     meta = {"device": dev.type, "device_name": device_name(dev), "threads": torch.get_num_threads(),
-            "dtype": dtype, "rounds": rounds, "steps": steps, "warmup": warmup,
+            "dtype": dtype, "compile": compile, "rounds": rounds, "steps": steps, "warmup": warmup,
             "gemm_peak_gflop_s": gemm_peak / 1e9, "versions": versions}
     report = {"meta": meta, "sizes": []}
     for size in sizes:
         result = benchmark_size(size, dev, dtype, gemm_peak, rounds, warmup, steps, seed,
-                                batch_size, verbose)
+                                batch_size, verbose, compile)
         report["sizes"].append(result)
         if verbose:
             print(size_markdown(result, meta))
@@ -593,10 +615,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every implementation (FLOPs and memory stay eager)")
     parser.add_argument("--out", default="results/bench", help="folder for bench.md and bench.json")
     args = parser.parse_args(argv)
     return run_benchmark(parse_sizes(args.size), args.rounds, args.warmup, args.steps,
-                         args.device, args.dtype, args.out)
+                         args.device, args.dtype, args.out, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ class PretrainConfig:
     seed: int = 0
     device: str = knob("auto", one_of("auto", "cpu", "cuda"))
     amp: str = knob("auto", one_of("auto", "off", "bf16", "fp16"))  # auto: bf16 on CUDA, off on CPU
+    # torch.compile the training forward (student, heads, teachers, losses); the compile time is in
+    # summary.json. Not bit-identical to eager (fused kernels); results/bench/bench.md measures it
+    compile: bool = False
     log_every: int = knob(10, POSITIVE)  # steps between logged rows
     checkpoint_every: int = knob(100, NON_NEGATIVE)  # steps between `last.pt` saves; 0 = end only
     resume: bool = True  # continue from `last.pt` of an interrupted run with the same config

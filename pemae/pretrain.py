@@ -35,15 +35,16 @@ from pemae.config import Config, ConfigError, build_config, config_differences
 from pemae.data import build_dataset, pretrain_transform, skipped_images
 from pemae.model import build_pretrain_model, collapse_report, num_views
 from pemae.optim import param_groups, set_lr
-from pemae.runtime import (MetricLog, amp_dtype, autocast, peak_memory_mb, read_log, rng_state,
-                           seed_everything, set_rng_state)
+from pemae.runtime import (MetricLog, amp_dtype, autocast, compile_seconds, peak_memory_mb, read_log,
+                           rng_state, seed_everything, set_rng_state)
 from pemae.sampling import GlobalBatchSampler, SeededViews
 from pemae.schedules import warmup_cosine, warmup_step_count
 
 # Keys that may change when an interrupted run is resumed: where and how fast it runs, not what
 # it computes (the batches do not depend on processes, accumulation or workers: pemae.sampling).
 RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
-                  "pretrain.device", "pretrain.amp", "pretrain.accum_steps", "pretrain.log_every",
+                  "pretrain.device", "pretrain.amp", "pretrain.compile", "pretrain.accum_steps",
+                  "pretrain.log_every",
                   "pretrain.checkpoint_every", "pretrain.resume", "pretrain.overwrite")
 PRETRAIN_SECTIONS = ("data", "model", "method", "pretrain")
 
@@ -308,6 +309,8 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
             print(f"pretrain.overwrite: training again over the completed run in {out_dir}")
 
     model = build_pretrain_model(cfg, total_steps, steps_per_epoch).to(device)
+    if pc.compile:
+        model.compile()  # in place: the state dict keeps its keys
     optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=pc.amp == "fp16")
     resumed_path, state = found or (None, {})
@@ -335,6 +338,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
               f"{steps_per_epoch} steps; {procs.world_size} process(es) x {micro} images x "
               f"{pc.accum_steps} accumulation step(s) = batch {pc.batch_size}; base lr "
               f"{pc.base_lr:g} -> lr {lr:g}; device {device.type}, {str(precision)[6:]}"
+              + ("; compiled (the first steps compile)" if pc.compile else "")
               + (f"; resuming at step {start_step} from {resumed_path}" if start_step else ""))
 
     log = MetricLog(out_dir / "log.csv", keep_until=start_step if start_step else None) if main else None
@@ -416,6 +420,7 @@ def run_summary(log_path: Path, cfg: Config, steps: int, seconds: float, device:
             "peak_memory_mb": round(last.get("peak_mem_mb", peak_memory_mb(device)), 1),
             "world_size": world_size, "accum_steps": cfg.pretrain.accum_steps,
             "skipped_images": int(last.get("skipped_images", 0)),
+            **({"compile_seconds": round(compile_seconds(), 1)} if cfg.pretrain.compile else {}),
             "final_loss": last.get("loss"),
             **(collapse_report(last, cfg.method.num_prototypes) if steps else {})}
 

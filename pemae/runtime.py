@@ -43,6 +43,20 @@ def autocast(device: torch.device, amp: str = "auto"):
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+# torch._dynamo's timing phases that hold the whole of a compilation: the forward graph (Dynamo
+# tracing + Inductor) and the backward graph, compiled lazily on the first backward
+COMPILE_PHASES = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling with `torch.compile` so far (forward and backward
+    graphs, recompilations included); 0.0 when nothing was compiled."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return sum(float(v) for n, v in zip(names, values) if n in COMPILE_PHASES)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch generator for data shuffling."""
     random.seed(seed)

@@ -10,6 +10,7 @@ import json
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from pemae import bench
@@ -158,3 +159,18 @@ def test_lightly_peers_have_pemae_parameters_plus_the_unused_mask_token(tiny):
             == params(dual, trainable_only=True) + width)  # same student, token head, DINO head
     assert (sum(p.numel() for p in lightly_pemae.teacher_set.parameters())
             == sum(p.numel() for p in dual.teacher_set.parameters()) + 2 * width)  # two backbones
+
+
+# ------------------------------------------------------------------------------- --compile
+def test_compiling_a_contender_records_its_compile_time_and_keeps_training():
+    cfg = bench.size_config("tiny")
+    imgs = bench.fixed_batch(cfg, BATCH)
+    contender = bench.pemae_builder(COST_VARIANTS["mae"])(cfg, imgs, bench.pick_device("cpu"), "off", 0)
+    before = {k: v.clone() for k, v in contender.model.state_dict().items()}
+    rows = {"pemae_mae": {}}
+    bench.compile_contenders({"pemae_mae": contender}, rows)
+    assert rows["pemae_mae"]["compile_s"] > 0
+    after = contender.model.state_dict()
+    assert after.keys() == before.keys()  # compiled in place: same module, same keys
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the compiled step trained
+    assert math.isfinite(float(contender.run_step()["loss"]))

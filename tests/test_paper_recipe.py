@@ -127,7 +127,7 @@ NOT_IN_MAE = {  # where or how fast it runs, bookkeeping, or evaluations MAE doe
     "data.root", "data.download", "data.train_subset", "data.test_subset", "data.split_seed",
     "data.num_workers", "data.skip_bad",
     "pretrain.min_steps_per_epoch",  # halves the batch on small data sets only; not on ImageNet
-    "pretrain.seed", "pretrain.device", "pretrain.amp", "pretrain.log_every",
+    "pretrain.seed", "pretrain.device", "pretrain.amp", "pretrain.compile", "pretrain.log_every",
     "pretrain.checkpoint_every", "pretrain.resume", "pretrain.overwrite",
     "finetune.seed", "finetune.checkpoint_every",
     "evaluation.batch_size",  # feature extraction
