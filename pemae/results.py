@@ -401,7 +401,7 @@ def split_results(results_dir: str | Path, runs: list[str], seeds: list[int], pa
             "claims": claim_verdicts(rows, claims or {})}
 
 
-def _keyed(results: dict[str, list[dict]]) -> dict[str, dict]:
+def keyed_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
     """Rows keyed by what they describe (dvc metrics diffs dicts key by key, not lists)."""
     key = {"seeds": lambda r: f"{r['run']}/seed{r['seed']}/{r['readout']}",
            "summary": lambda r: f"{r['run']}/{r['readout']}",
@@ -410,7 +410,8 @@ def _keyed(results: dict[str, list[dict]]) -> dict[str, dict]:
     return {part: {key[part](r): r for r in rows} for part, rows in results.items()}
 
 
-def _report(results: dict[str, list[dict]], split: str) -> str:
+def report_markdown(results: dict[str, list[dict]], split: str) -> str:
+    """The claims (if any), the results table and the paired differences of one split."""
     claims = (f"## The paper's claims ({split} split)\n\n" + claims_markdown(results["claims"]) + "\n"
               if results["claims"] else "")
     return (claims + f"## Results ({split} split)\n\n" + results_markdown(results["summary"])
@@ -427,9 +428,9 @@ def write_results(results_dir: str | Path, runs: list[str], seeds: list[int], pa
     """
     results_dir = Path(results_dir)
     results = {split: split_results(results_dir, runs, seeds, pairs, split, claims) for split in SPLITS}
-    (results_dir / "results.md").write_text(_report(results["test"], "test"))
-    (results_dir / "results_val.md").write_text(_report(results["val"], "validation"))
-    metrics = {split: _keyed(parts) for split, parts in results.items()}
+    (results_dir / "results.md").write_text(report_markdown(results["test"], "test"))
+    (results_dir / "results_val.md").write_text(report_markdown(results["val"], "validation"))
+    metrics = {split: keyed_rows(parts) for split, parts in results.items()}
     (results_dir / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return results
 

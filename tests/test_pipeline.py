@@ -53,7 +53,7 @@ def repo(tmp_path_factory) -> Path:
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
     default = yaml.safe_load((ROOT / "params.yaml").read_text())
     small_data = {"runs": default["small_data"]["runs"], "img_size": 16, "pretrain_epochs": 1,
-                  "finetune_epochs": 1, "seed": 0, "enforce": False}
+                  "finetune_epochs": 1, "seeds": [0], "enforce": False}
     params = {"preset": "tiny", "seeds": SEEDS, **build_config("tiny").to_dict(),
               "runs": default["runs"], "comparisons": default["comparisons"], "claims": default["claims"],
               "ablations": default["ablations"], "small_data": small_data}
@@ -107,8 +107,11 @@ def test_the_small_data_check_runs_from_the_study_pipeline(repo):
     assert stages_run(out) == {"study/dvc.yaml:small_data"}
     summary = json.loads((repo / "results" / "small_data" / "summary.json").read_text())
     runs = yaml.safe_load((repo / "params.yaml").read_text())["small_data"]["runs"]
-    assert set(summary["test"]) == set(summary["val"]) == set(runs)
+    for split in ("val", "test"):
+        assert {row["run"] for row in summary[split]["summary"].values()} == set(runs)
+        assert {row["b"] for row in summary[split]["paired"].values()} == {"random"}
     assert isinstance(summary["failures"], list)  # enforce: false here, so listed, not raised
+    assert (repo / "results" / "small_data" / "runs" / "mae" / "seed0" / "evaluate.json").is_file()
     assert "| random |" in (repo / "results" / "small_data" / "results.md").read_text()
 
 

@@ -1,5 +1,6 @@
 """The small-data check: scikit-learn's digits as an image folder, and the not-worse-than-random rule."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,9 +8,10 @@ import pytest
 from PIL import Image
 from sklearn import datasets as sklearn_datasets
 
-from pemae import data
+from pemae import data, results
 from pemae.config import build_config, deep_merge
-from pemae.small_data import (check_not_worse_than_random, digits_overrides, scores,
+from pemae.results import RunPaths
+from pemae.small_data import (check_not_worse_than_random, digits_overrides, write_check,
                               write_digits_imagefolder)
 
 
@@ -48,25 +50,59 @@ def test_writing_again_keeps_the_folder(digits_root):
     assert {f: f.stat().st_mtime_ns for f in digits_root.glob("*/*/*.png")} == before
 
 
-def test_scores_take_every_readout_and_the_fine_tune_of_a_split():
-    evaluation = {"val": {"cls": {"knn_top1": 50.0, "linear_top1": 60.0}},
-                  "test": {"cls": {"knn_top1": 51.0, "linear_top1": 61.0},
-                           "avg": {"knn_top1": 52.0, "linear_top1": 62.0}}}
-    got = scores(evaluation, {"val_top1": 70.0, "test_top1": 71.0}, "test")
-    assert got == {"knn_top1_cls": 51.0, "linear_top1_cls": 61.0, "knn_top1_avg": 52.0,
-                   "linear_top1_avg": 62.0, "finetune_top1": 71.0}
+def write_run(root: Path, run: str, seed: int, knn: float, finetune: float) -> None:
+    """The files a small-data run leaves: evaluate.json (CLS readout) and the fine-tune summary."""
+    paths = RunPaths(root, run, seed)
+    paths.finetune.mkdir(parents=True)
+    split = {"cls": {"knn_top1": knn, "linear_top1": 50.0}}
+    paths.evaluation.write_text(json.dumps({"val": split, "test": split}))
+    (paths.finetune / "summary.json").write_text(json.dumps({"val_top1": finetune, "test_top1": finetune}))
 
 
-def test_check_names_every_figure_below_the_random_encoder():
-    results = {"random": {"knn_top1_cls": 70.0, "finetune_top1": 80.0},
-               "mae": {"knn_top1_cls": 69.5, "finetune_top1": 80.0},
-               "pemae": {"knn_top1_cls": 75.0, "finetune_top1": 79.0}}
-    failures = check_not_worse_than_random(results)
-    assert failures == ["mae: knn_top1_cls = 69.50 < random's 70.00",
-                        "pemae: finetune_top1 = 79.00 < random's 80.00"]
-    results["mae"]["knn_top1_cls"] = 70.0
-    results["pemae"]["finetune_top1"] = 80.5
-    assert check_not_worse_than_random(results) == []  # equal is not worse
+def paired(tmp_path: Path, figures: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """Paired rows (run − random, test split) of runs given as [(knn, finetune) per seed]."""
+    for run, per_seed in figures.items():
+        for seed, (knn, finetune) in enumerate(per_seed):
+            write_run(tmp_path, run, seed, knn, finetune)
+    seeds = list(range(len(figures["random"])))
+    rows = results.gather(tmp_path, list(figures), seeds, "test")
+    return results.paired_differences(rows, [[run, "random"] for run in figures if run != "random"])
+
+
+def test_one_seed_fails_on_any_drop_below_the_random_encoder(tmp_path):
+    rows = paired(tmp_path, {"random": [(70.0, 80.0)], "mae": [(69.5, 80.0)], "pemae": [(75.0, 79.0)]})
+    failures = check_not_worse_than_random(rows)
+    assert len(failures) == 2
+    assert failures[0].startswith("mae: knn_top1 (cls) -0.50") and "over 1 seed(s)" in failures[0]
+    assert failures[1].startswith("pemae: finetune_top1 -1.00")
+
+
+def test_with_seeds_a_drop_within_the_noise_passes_and_a_larger_one_fails(tmp_path):
+    # random k-NN 70, 72, 74 (std 2): mae is 1 below on every seed (within noise), pemae 5 below
+    random = [(70.0, 80.0), (72.0, 80.0), (74.0, 80.0)]
+    rows = paired(tmp_path, {"random": random, "mae": [(k - 1, f) for k, f in random],
+                             "pemae": [(k - 5, f) for k, f in random]})
+    failures = check_not_worse_than_random(rows)
+    assert len(failures) == 1 and failures[0].startswith("pemae: knn_top1 (cls) -5.00 ± 0.00")
+    assert "over 3 seed(s) (noise 2.00)" in failures[0]
+
+
+def test_equal_or_better_is_never_a_failure(tmp_path):
+    rows = paired(tmp_path, {"random": [(70.0, 80.0)], "mae": [(70.0, 80.0)]})
+    assert check_not_worse_than_random(rows) == []
+
+
+def test_write_check_writes_the_summary_and_the_tables(tmp_path):
+    for seed, knn in enumerate((70.0, 72.0)):
+        write_run(tmp_path, "random", seed, knn, 80.0)
+        write_run(tmp_path, "mae", seed, knn - 6, 81.0)
+    summary = write_check(tmp_path, ["mae", "random"], [0, 1])
+    assert summary["failures"] == [f"{split}: mae: knn_top1 (cls) -6.00 ± 0.00 against random over "
+                                   "2 seed(s) (noise 1.41)" for split in ("val", "test")]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert set(summary["test"]["summary"]) == {"mae/cls", "random/cls"}
+    text = (tmp_path / "results.md").read_text()
+    assert "- test: mae: knn_top1 (cls) -6.00" in text and "| mae − random |" in text
 
 
 def test_digits_overrides_change_only_the_data_and_the_epochs(digits_root):
