@@ -98,7 +98,7 @@ from pemae.cost import (COST_VARIANTS, STEPS_PER_EPOCH, TOTAL_STEPS, Contender, 
                         warm_up)
 from pemae.encoder import encoder_kwargs
 from pemae.gpu_check import flop_counter
-from pemae.runtime import autocast, pick_device
+from pemae.runtime import autocast, keep_freed_memory, pick_device
 
 MISSING: dict[str, str] = {}  # peer library -> why it cannot be imported (its rows are skipped)
 try:
@@ -578,6 +578,7 @@ def run_benchmark(sizes: list[str], rounds: int = 3, warmup: int = 2, steps: int
                   seed: int = 0, batch_size: int | None = None, verbose: bool = True,
                   compile: bool = False) -> dict:
     """Benchmark every size; print each size's tables as it finishes and write `out` if given."""
+    keep_freed_memory()  # the allocator the training loop runs on (pemae.distributed.start), for all
     dev = pick_device(device, "--device")
     gemm_peak = gemm_peak_flops(dev, DTYPES[dtype][1])
     versions = ", ".join(library_version(lib) for lib in

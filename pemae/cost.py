@@ -40,7 +40,7 @@ from pemae.model import build_pretrain_model, stand_in_view2
 from pemae.optim import param_groups
 from pemae.pretrain import peak_lr, train_step
 from pemae.results import markdown_table
-from pemae.runtime import pick_device
+from pemae.runtime import keep_freed_memory, pick_device
 
 COST_VARIANTS: dict[str, dict] = {
     "mae": {"name": "mae"},
@@ -340,6 +340,7 @@ def measure_step_cost(cfg: Config, variants: dict[str, dict] = COST_VARIANTS,
     Returns one flat dict per variant (keys: `COLUMNS`); `*_vs_mae` are ratios to the `mae`
     row, `*_vs_single` to the `pemae_single` row (the dual row's is dual over single).
     """
+    keep_freed_memory()  # the allocator the training loop runs on (pemae.distributed.start)
     device = resolve_device(device, cfg)
     batch = batch_size or cfg.pretrain.batch_size
     imgs = fixed_batch(cfg, batch, seed).to(device)  # [B, C, H, W]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from pemae.runtime import pick_device
+from pemae.runtime import keep_freed_memory, pick_device
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,9 @@ def launched_by_torchrun() -> bool:
 
 
 def start(device_name: str) -> tuple[Processes, torch.device]:
-    """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU);
+    glibc's malloc keeps freed memory from here on (`pemae.runtime.keep_freed_memory`)."""
+    keep_freed_memory()
     device = pick_device(device_name)
     if dist.is_available() and dist.is_initialized():  # the caller set it up
         return Processes(dist.get_rank(), dist.get_world_size()), device

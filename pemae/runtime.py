@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
 import random
 import resource
@@ -41,6 +42,28 @@ def autocast(device: torch.device, amp: str = "auto"):
     """Mixed precision for the forward pass (matmuls in bf16/fp16); losses cast to fp32 themselves."""
     dtype = amp_dtype(amp, device)
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# glibc malloc's knobs (mallopt): its defaults hand large freed blocks straight back to the OS, so
+# every training step maps and page-faults its activations afresh (7.5M minor page faults in one
+# epoch of the default MAE run); keeping them costs no arithmetic and gave 7-17% more img/s there
+# (835-864 -> 896-979 img/s, 30x fewer faults)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+ALLOCATOR_SETTINGS = {M_MMAP_THRESHOLD: 32 << 20,  # blocks under 32 MB come from the heap
+                      M_TRIM_THRESHOLD: 1 << 30,  # give memory back only past 1 GB free at the top
+                      M_TOP_PAD: 256 << 20}  # and grow the heap 256 MB at a time
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (`ALLOCATOR_SETTINGS`) instead of returning
+    it to the OS after each step; what the `MALLOC_*_` environment variables would set. Returns
+    False where the C library is not glibc (nothing changes there). Results are unaffected: only
+    where memory comes from changes."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(option, value) == 1 for option, value in ALLOCATOR_SETTINGS.items())
 
 
 # torch._dynamo's timing phases that hold the whole of a compilation: the forward graph (Dynamo

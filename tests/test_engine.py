@@ -4,6 +4,7 @@ on resume, mixed precision and the command line."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import shutil
@@ -473,3 +474,24 @@ def test_data_loader_workers_change_nothing_but_the_speed(tmp_path):
         runs[workers] = tmp_path / f"workers{workers}"
     assert_same_weights(run_dir_weights(runs[0] / "checkpoint.pt"), run_dir_weights(runs[2] / "checkpoint.pt"))
     assert list(read_log(runs[0] / "log.csv")["loss"]) == list(read_log(runs[2] / "log.csv")["loss"])
+
+
+@needs_fashion_mnist
+def test_keeping_freed_memory_changes_no_result(tmp_path, monkeypatch):
+    """glibc's malloc set to keep freed memory (`keep_freed_memory`, called by every run) moves
+    where tensors live, not what they hold: the same run with the OS defaults gives the same bits."""
+    from pemae import distributed, runtime
+
+    if not runtime.keep_freed_memory():
+        pytest.skip("not glibc: the allocator settings do not apply")
+    cfg = one_step_config(METHODS["pemae_dual"])
+    kept, _ = pretrain(cfg, tmp_path / "kept", progress=False)
+    monkeypatch.setattr(distributed, "keep_freed_memory", lambda: False)
+    ctypes.CDLL("libc.so.6").mallopt(runtime.M_MMAP_THRESHOLD, 128 << 10)  # glibc's defaults again
+    ctypes.CDLL("libc.so.6").mallopt(runtime.M_TRIM_THRESHOLD, 128 << 10)
+    ctypes.CDLL("libc.so.6").mallopt(runtime.M_TOP_PAD, 128 << 10)
+    try:
+        default, _ = pretrain(cfg, tmp_path / "default", progress=False)
+    finally:
+        runtime.keep_freed_memory()
+    assert_same_weights(kept.state_dict(), default.state_dict())
