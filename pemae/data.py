@@ -654,6 +654,24 @@ def build_dataset(cfg: DataConfig, split: str, transform: Callable | None) -> Da
     return Subset(dataset, train if split == "train" else val)
 
 
+def source_indices(dataset: Dataset, indices: Tensor) -> Tensor:
+    """Map indices of a (possibly nested) `Subset` to indices of the data set underneath
+    (`source_dataset`); negative entries (placeholders) stay as they are."""
+    out = indices.clone()  # [...]
+    while isinstance(dataset, Subset):
+        table = torch.as_tensor(dataset.indices, dtype=torch.int64)  # [len(dataset)]
+        out = torch.where(out >= 0, table[out.clamp(min=0)], out)  # [...]
+        dataset = dataset.dataset
+    return out
+
+
+def source_dataset(dataset: Dataset) -> Dataset:
+    """The data set underneath a (possibly nested) `Subset`."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 class TensorBatches:
     """Batches (images [B, C, H, W], labels [B]) of in-memory uint8 images under `EvalTransform`,
     converted a whole batch at a time (`eval_batches`)."""
@@ -679,14 +697,11 @@ def eval_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Ite
     a whole batch at a time (`TensorBatches`), skipping PIL and the per-image transform (a third
     of a CPU feature extraction's time); anything else goes through a DataLoader.
     """
-    base, indices = dataset, None
-    while isinstance(base, Subset):  # the subsets of build_dataset and of the process shards
-        indices = base.indices if indices is None else [base.indices[i] for i in indices]
-        base = base.dataset
+    base = source_dataset(dataset)  # under the subsets of build_dataset and of the process shards
     transform = getattr(base, "transform", None)
     if (isinstance(base, TensorImages) and isinstance(transform, EvalTransform) and base.mode == "L"
             and tuple(base.images.shape[1:]) == (transform.size, transform.size)):
-        rows = torch.as_tensor(range(len(base)) if indices is None else indices, dtype=torch.int64)  # [N]
+        rows = source_indices(dataset, torch.arange(len(dataset)))  # [N]
         return TensorBatches(base.images[rows], base.targets[rows], transform, batch_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
 
@@ -704,8 +719,7 @@ def skipped_images(dataset: Dataset) -> int:
 def class_names(dataset: Dataset) -> list[str]:
     """The class names of a dataset from `build_dataset` (subsets included): its `classes`, or
     "0".."C-1" from its `targets` when it has no names."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
+    dataset = source_dataset(dataset)
     classes = getattr(dataset, "classes", None)
     if classes:
         return [str(c) for c in classes]

@@ -47,13 +47,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from torch.utils.data import Dataset, Subset  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pemae import checkpoint, distributed  # noqa: E402
 from pemae.config import Config, DataConfig, DenseConfig  # noqa: E402
 from pemae.data import (SPLITS, build_dataset, class_names, denormalise,  # noqa: E402
-                        eval_transform, normalisation)
+                        eval_transform, normalisation, source_indices)
 from pemae.evaluate import fit_on_cached  # noqa: E402
 from pemae.pos_embed import sincos_2d  # noqa: E402
 from pemae.schedules import warmup_cosine  # noqa: E402
@@ -145,16 +145,6 @@ def compose_scenes(items: Tensor, classes: Tensor, placements: Tensor, positions
             if item >= 0:
                 paste(pixels[s], labels[s], items[item], 1 + int(classes[item]), top, left, threshold)
     return pixels, labels
-
-
-def source_indices(dataset: Dataset, indices: Tensor) -> Tensor:
-    """Map indices of a (possibly nested) `Subset` to indices of the data set underneath."""
-    out = indices.clone()  # [...]
-    while isinstance(dataset, Subset):
-        table = torch.as_tensor(dataset.indices, dtype=torch.int64)  # [len(dataset)]
-        out = torch.where(out >= 0, table[out.clamp(min=0)], out)  # [...]
-        dataset = dataset.dataset
-    return out
 
 
 def load_items(dataset: Dataset, indices: Tensor, data: DataConfig) -> tuple[Tensor, Tensor]:

@@ -44,8 +44,8 @@ from pemae.schedules import warmup_cosine, warmup_step_count
 # it computes (the batches do not depend on processes, accumulation or workers: pemae.sampling).
 RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
                   "pretrain.device", "pretrain.amp", "pretrain.compile", "pretrain.accum_steps",
-                  "pretrain.log_every",
-                  "pretrain.checkpoint_every", "pretrain.resume", "pretrain.overwrite")
+                  "pretrain.log_every", "pretrain.checkpoint_every", "pretrain.resume",
+                  "pretrain.overwrite")
 PRETRAIN_SECTIONS = ("data", "model", "method", "pretrain")
 
 

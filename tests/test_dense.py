@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from conftest import needs_fashion_mnist, tiny_config
 from pemae import checkpoint
 from pemae.config import ConfigError, DenseConfig, build_config
-from pemae.data import build_dataset, train_val_indices
+from pemae.data import build_dataset, source_indices, train_val_indices
 from pemae.dense import (Scenes, build_scenes, canvas_size, compose_scenes, confusion_matrix,
                          dense_probe, dense_scores, draw_dense_predictions, draw_placements,
                          label_colours, mean_iou, paste, pixel_accuracy, pixel_logits,
-                         predict_maps, resize_encoder, source_indices, train_dense_probe)
+                         predict_maps, resize_encoder, train_dense_probe)
 from pemae.encoder import build_encoder
 from pemae.pos_embed import sincos_2d
 

@@ -487,9 +487,8 @@ def test_keeping_freed_memory_changes_no_result(tmp_path, monkeypatch):
     cfg = one_step_config(METHODS["pemae_dual"])
     kept, _ = pretrain(cfg, tmp_path / "kept", progress=False)
     monkeypatch.setattr(distributed, "keep_freed_memory", lambda: False)
-    ctypes.CDLL("libc.so.6").mallopt(runtime.M_MMAP_THRESHOLD, 128 << 10)  # glibc's defaults again
-    ctypes.CDLL("libc.so.6").mallopt(runtime.M_TRIM_THRESHOLD, 128 << 10)
-    ctypes.CDLL("libc.so.6").mallopt(runtime.M_TOP_PAD, 128 << 10)
+    for option in runtime.ALLOCATOR_SETTINGS:  # glibc's defaults again (128 kB each)
+        ctypes.CDLL("libc.so.6").mallopt(option, 128 << 10)
     try:
         default, _ = pretrain(cfg, tmp_path / "default", progress=False)
     finally:
