@@ -17,8 +17,9 @@ write (`evaluate --pixels`: the raw-pixel baseline, no encoder). Each takes the 
 own overrides. Restarting the same command after an interruption resumes the run (`finetune`:
 with `finetune.checkpoint_every` > 0); rerunning `pretrain` after the run completed has nothing to
 do (`--force` trains it again). A mistake in the input (a key, a value, a file, an image, a
-missing encoder) is reported on stderr without a traceback, with exit code 2; `--debug` shows the
-traceback.
+missing encoder) and a diverged run (a non-finite loss: the step, the terms and the last good
+checkpoint) are reported on stderr in one line without a traceback, with exit code 2; `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     checkpoint): reported as their message alone. Those of modules not imported yet cannot have
     been raised, so they are not imported (with torch) just to be checked."""
     found: list[type[BaseException]] = [ConfigError, yaml.YAMLError, FileNotFoundError]
-    for module, name in (("pemae.data", "BadImageError"), ("pemae.checkpoint", "DamagedCheckpointError")):
+    for module, name in (("pemae.data", "BadImageError"), ("pemae.checkpoint", "DamagedCheckpointError"),
+                         ("pemae.pretrain", "NonFiniteLossError")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)

@@ -95,7 +95,7 @@ class MethodConfig:
     """The pretraining method. `mae`: pixel targets, no teachers (only `name` matters).
 
     `pemae`: token reconstruction and CLS / data-token pseudo labels from EMA teachers
-    (see the README for which choices are the paper's and which are ours).
+    (docs/method.md says which choices are the paper's and which are ours).
     """
 
     name: str = knob("pemae", one_of("mae", "pemae"))
@@ -130,6 +130,9 @@ class PretrainConfig:
     batch_size: int = knob(256, POSITIVE)  # the global batch: all processes x accum_steps
     min_steps_per_epoch: int = knob(20, NON_NEGATIVE)  # small data: halve the batch until met
     accum_steps: int = knob(1, POSITIVE)  # micro-batches per step: batch_size / (world x accum) each
+    # images per process per forward pass; > 0 derives accum_steps = batch_size / (world x this),
+    # so one recipe (the global batch) runs on any number of GPUs; 0 = use accum_steps as given
+    micro_batch_size: int = knob(0, NON_NEGATIVE)
     base_lr: float = knob(1.5e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
     min_lr: float = knob(0.0, NON_NEGATIVE)
     warmup_epochs: float = knob(0.3, NON_NEGATIVE)
@@ -137,7 +140,10 @@ class PretrainConfig:
     betas: list[float] = knob([0.9, 0.95])
     seed: int = 0
     device: str = knob("auto", one_of("auto", "cpu", "cuda"))
-    amp: str = knob("auto", one_of("auto", "off", "bf16", "fp16"))  # auto: bf16 on CUDA, off on CPU
+    # the precision of every loop on the device (pretraining, fine-tuning, evaluation): auto = bf16
+    # on a GPU with bf16 tensor cores (compute capability >= 8.0), fp16 (loss-scaled) on older
+    # GPUs, off (fp32) on the CPU
+    amp: str = knob("auto", one_of("auto", "off", "bf16", "fp16"))
     # torch.compile the training forward (student, heads, teachers, losses); the compile time is in
     # summary.json. Not bit-identical to eager (fused kernels); results/bench/bench.md measures it
     compile: bool = False
@@ -168,7 +174,10 @@ class FinetuneConfig:
     """
 
     epochs: int = knob(1, POSITIVE)
-    batch_size: int = knob(128, POSITIVE)
+    batch_size: int = knob(128, POSITIVE)  # the global batch: all processes x accumulation steps
+    # images per process per forward pass; > 0 accumulates batch_size / (world x this) micro-batches
+    # per step (the same update on any number of GPUs); 0 = the batch split over the processes
+    micro_batch_size: int = knob(0, NON_NEGATIVE)
     base_lr: float = knob(4e-3, NON_NEGATIVE)  # lr = base_lr * batch_size / 256
     min_lr: float = knob(1e-6, NON_NEGATIVE)
     warmup_epochs: float = knob(0.1, NON_NEGATIVE)  # at least 5% of the steps (schedules.py)
@@ -370,6 +379,9 @@ def _cross_checks(cfg: Config, errors: list[str]) -> None:
     if cfg.dense.min_items > cfg.dense.max_items:
         errors.append(f"dense.min_items = {cfg.dense.min_items} exceeds "
                       f"dense.max_items = {cfg.dense.max_items}")
+    if cfg.pretrain.micro_batch_size and cfg.pretrain.accum_steps != 1:
+        errors.append(f"pretrain.accum_steps = {cfg.pretrain.accum_steps} and pretrain.micro_batch_size = "
+                      f"{cfg.pretrain.micro_batch_size}: set one (micro_batch_size derives the accumulation)")
     if cfg.pretrain.batch_size % cfg.pretrain.accum_steps:
         errors.append(f"pretrain.accum_steps = {cfg.pretrain.accum_steps} does not divide "
                       f"pretrain.batch_size = {cfg.pretrain.batch_size}")
@@ -432,7 +444,7 @@ def config_differences(old: dict, new: dict, sections: tuple[str, ...] = SECTION
             for k in sorted(a.keys() | b.keys()) if k not in ignore and a.get(k) != b.get(k)]
 
 
-PIPELINE_KEYS = ("preset", "runs", "seeds", "comparisons", "claims", "ablations", "small_data")  # params.yaml's keys besides SECTIONS
+PIPELINE_KEYS = ("preset", "runs", "seeds", "extra_seeds", "comparisons", "claims", "ablations", "small_data")  # params.yaml's keys besides SECTIONS
 
 
 def with_seed(overrides: dict | None, seed: int | None) -> dict:

@@ -15,11 +15,16 @@ per image. This probe reads one label per pixel, at a cost a 2-core CPU affords:
    same scenes; nothing is downloaded or written.
 2. **Features** (`resize_encoder`, `patch_features`): the frozen encoder, rebuilt for the canvas
    with its sine-cosine position embedding regenerated for the larger grid (not interpolated),
-   runs once over every scene; its final-norm patch tokens `[S, G, G, D]` are cached.
+   runs once over every scene, under `pretrain.amp` (bf16 on a GPU by default, fp32 on the
+   CPU); its final-norm patch tokens `[S, G, G, D]` are cached, in float32, on its device.
 3. **Probe** (`train_dense_probe`): per-feature standardisation (train statistics), then one
    linear layer to 1 + num_classes logits per patch, upsampled bilinearly to the pixels and
    trained with per-pixel cross-entropy (the standard linear segmentation probe), AdamW with a
-   cosine schedule, seeded by `evaluation.seed` (the pipeline seed).
+   cosine schedule, seeded by `evaluation.seed` (the pipeline seed), on the encoder's device.
+   The upsampled logits `[B, K, H, W]` are made at most `LOGIT_BUDGET_BYTES` at a time
+   (`logit_chunks`: whole images, else bands of patch rows), for the loss (`pixel_loss`) and
+   the predicted maps (`predict_maps`) alike; a batch that fits takes the plain path, so small
+   configurations compute exactly what they always did.
 4. **Scores** (`dense_probe`): mIoU and pixel accuracy (%) on the test scenes, and on the
    validation scenes (what choices are made on).
 
@@ -56,11 +61,15 @@ from pemae.data import (SPLITS, build_dataset, class_names, denormalise,  # noqa
                         eval_transform, normalisation, source_indices)
 from pemae.evaluate import fit_on_cached  # noqa: E402
 from pemae.pos_embed import sincos_2d  # noqa: E402
+from pemae.runtime import autocast  # noqa: E402
 from pemae.schedules import warmup_cosine  # noqa: E402
 
 BACKGROUND = 0  # label of the pixels no item covers; item classes are shifted by one
 SOURCE_OF_SPLIT = {"train": "train", "val": "train", "test": "test"}  # the data set's own files
 FIGURE_SCENES = 6  # test scenes whose predicted maps the pipeline keeps for its figure
+# float32 pixel logits [n, K, h, W] made at a time, for the loss and the maps (the paper preset's
+# batch of 128 scenes at 448 px with 1001 labels would take 103 GB at once; one scene: 0.8 GB)
+LOGIT_BUDGET_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,8 +187,9 @@ def build_scenes(cfg: Config, split: str) -> Scenes:
 def normalise(pixels: Tensor, data: DataConfig) -> Tensor:
     """Scenes in [0, 1] [B, C, H, W] normalised as the pipeline normalises its images."""
     mean, std = normalisation(data)
-    mean_t = torch.tensor(mean, dtype=pixels.dtype).view(-1, 1, 1)  # [C, 1, 1]
-    std_t = torch.tensor(std, dtype=pixels.dtype).view(-1, 1, 1)  # [C, 1, 1]
+    kind = {"dtype": pixels.dtype, "device": pixels.device}
+    mean_t = torch.tensor(mean, **kind).view(-1, 1, 1)  # [C, 1, 1]
+    std_t = torch.tensor(std, **kind).view(-1, 1, 1)  # [C, 1, 1]
     return (pixels - mean_t) / std_t  # [B, C, H, W]
 
 
@@ -214,16 +224,18 @@ def resize_encoder(encoder: nn.Module, img_size: int) -> nn.Module:
 
 @torch.no_grad()
 def patch_features(encoder: nn.Module, pixels: Tensor, data: DataConfig, batch_size: int,
-                   device: torch.device, progress: bool = False, desc: str = "patch features"
-                   ) -> Tensor:
+                   device: torch.device, progress: bool = False, desc: str = "patch features",
+                   amp: str = "auto") -> Tensor:
     """The encoder's final-norm patch tokens of every scene, on a grid: [S, C, H, W] in [0, 1]
-    -> [S, G, G, D] (float32, on the CPU)."""
+    -> [S, G, G, D] (float32, on `device`); the encoder runs under `amp`
+    (`pemae.runtime.autocast`: fp32 on the CPU)."""
     grid = encoder.patch_embed.grid_size[0]
     out = []
     for start in tqdm(range(0, len(pixels), batch_size), disable=not progress, desc=desc):
         x = normalise(pixels[start:start + batch_size], data).to(device)  # [B, C, H, W]
-        tokens = encoder.forward_features(x)[:, encoder.num_prefix_tokens:]  # [B, G*G, D]
-        out.append(tokens.float().cpu().unflatten(1, (grid, grid)))  # [B, G, G, D]
+        with autocast(device, amp):
+            tokens = encoder.forward_features(x)[:, encoder.num_prefix_tokens:]  # [B, G*G, D]
+        out.append(tokens.float().unflatten(1, (grid, grid)))  # [B, G, G, D]
     return torch.cat(out)  # [S, G, G, D]
 
 
@@ -238,9 +250,11 @@ class DenseProbe(nn.Module):
         super().__init__()
         self.register_buffer("mean", mean)  # [D]
         self.register_buffer("std", std)  # [D]
-        self.linear = nn.Linear(len(mean), num_labels)
+        # initialised on the CPU (the same weights whatever the device), then beside the statistics
+        self.linear = nn.Linear(len(mean), num_labels, device=torch.device("cpu"))
         nn.init.trunc_normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
+        self.linear.to(mean.device)
 
     def standardise(self, features: Tensor) -> Tensor:
         return (features - self.mean) / self.std  # [B, G, G, D]
@@ -257,6 +271,101 @@ def pixel_logits(patch_logits: Tensor, size: int) -> Tensor:
     return F.interpolate(patch_logits, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def logit_chunks(num_images: int, num_labels: int, grid: int, size: int,
+                 budget: int = LOGIT_BUDGET_BYTES) -> list[tuple[slice, slice]]:
+    """How to make the pixel logits [B, K, size, size] (float32) of `num_images` images of
+    `grid` x `grid` patches in pieces of at most `budget` bytes: (images, patch rows) per piece.
+    One piece, everything, when it fits; else runs of whole images; else (one image alone is
+    over budget, and each patch covers whole pixels) one image at a time in bands of patch rows,
+    each band's upsampling reading one margin row above and below (`band_logits`). The floor,
+    whatever the budget: a band of one patch row, made with its two margin rows (3 patch rows of
+    one image's logits: 86 MB at the paper preset's 448 px and 1001 labels)."""
+    per_image = 4 * num_labels * size * size  # bytes of one image's pixel logits
+    every_row = slice(0, grid)
+    if num_images * per_image <= budget:
+        return [(slice(0, num_images), every_row)]
+    if per_image <= budget or size % grid:
+        n = max(1, budget // per_image)
+        return [(slice(i, min(i + n, num_images)), every_row) for i in range(0, num_images, n)]
+    per_row = 4 * num_labels * (size // grid) * size  # bytes of one patch row's pixel logits
+    rows = max(1, budget // per_row - 2)  # patch rows per band, besides its two margin rows
+    return [(slice(i, i + 1), slice(r, min(r + rows, grid)))
+            for i in range(num_images) for r in range(0, grid, rows)]
+
+
+def pixel_rows(rows: slice, grid: int, size: int) -> slice:
+    """The pixel rows of the patch rows `rows` (all of them: every pixel row)."""
+    return slice(rows.start * size // grid, rows.stop * size // grid)
+
+
+def band_logits(patch_logits: Tensor, rows: slice, size: int) -> Tensor:
+    """The pixel logits of the patch rows `rows` alone: [B, K, G, G] -> [B, K, h, size], the
+    rows `pixel_rows(rows)` of `pixel_logits(patch_logits, size)`. Every row: `pixel_logits`
+    itself. A band is upsampled with one margin patch row above and below (what bilinear
+    interpolation reads at its edges), at the same scale, then cropped: equal to the whole map's
+    rows (bit for bit when the patch size is a power of two: the interpolation weights are then
+    exact)."""
+    grid = patch_logits.shape[-2]
+    if rows.start == 0 and rows.stop == grid:
+        return pixel_logits(patch_logits, size)  # [B, K, size, size]
+    scale = size // grid  # pixels per patch
+    low, high = max(rows.start - 1, 0), min(rows.stop + 1, grid)  # with the margin rows
+    band = F.interpolate(patch_logits[:, :, low:high], size=((high - low) * scale, size),
+                         mode="bilinear", align_corners=False)  # [B, K, (high-low)*scale, size]
+    top = (rows.start - low) * scale
+    return band[:, :, top:top + (rows.stop - rows.start) * scale]  # [B, K, h, size]
+
+
+class ChunkedPixelLoss(torch.autograd.Function):
+    """`F.cross_entropy(pixel_logits(patch_logits, H), labels)` made piece by piece
+    (`logit_chunks`): the forward pass takes each piece's loss and its gradient with respect to
+    the patch logits, and frees the piece; the backward pass hands back the summed gradients.
+    Patch logits [B, K, G, G], labels [B, H, W] -> the mean loss [].
+
+    Each piece is upsampled channels last, the labels innermost, and scored as rows of K logits:
+    the upsampling's backward then gathers each patch's pixels instead of scattering into the
+    patches with atomic adds (on an H200, 3 ms instead of 36 ms for one 448 px scene of 1001
+    labels)."""
+
+    @staticmethod
+    def forward(ctx, patch_logits: Tensor, labels: Tensor, chunks: list[tuple[slice, slice]]
+                ) -> Tensor:
+        grid, size, num_labels = patch_logits.shape[-1], labels.shape[-1], patch_logits.shape[1]
+        grad = torch.zeros_like(patch_logits)  # [B, K, G, G]
+        total = patch_logits.new_zeros(())  # []
+        with torch.enable_grad():
+            for images, rows in chunks:
+                piece = patch_logits[images].detach().contiguous(memory_format=torch.channels_last)
+                piece.requires_grad_()  # [n, K, G, G], stored [n, G, G, K]
+                logits = band_logits(piece, rows, size)  # [n, K, h, W], stored [n, h, W, K]
+                rows_of_logits = logits.permute(0, 2, 3, 1).reshape(-1, num_labels)  # [n*h*W, K]
+                target = labels[images, pixel_rows(rows, grid, size)].reshape(-1)  # [n*h*W]
+                loss = F.cross_entropy(rows_of_logits, target, reduction="sum")  # []
+                loss = loss / labels.numel()  # [] this piece's share of the mean
+                loss.backward()
+                grad[images] += piece.grad
+                total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None  # [B, K, G, G]
+
+
+def pixel_loss(patch_logits: Tensor, labels: Tensor, budget: int = LOGIT_BUDGET_BYTES) -> Tensor:
+    """Per-pixel cross-entropy (mean) of the upsampled patch logits [B, K, G, G] against label
+    maps [B, H, W]: all at once when the pixel logits [B, K, H, W] fit `budget` bytes (exactly
+    `F.cross_entropy(pixel_logits(...), labels)`), else piece by piece (`ChunkedPixelLoss`: the
+    same loss and gradient up to float rounding, at most `budget` bytes of logits at a time)."""
+    grid, size = patch_logits.shape[-1], labels.shape[-1]
+    chunks = logit_chunks(len(patch_logits), patch_logits.shape[1], grid, size, budget)
+    if len(chunks) == 1:
+        return F.cross_entropy(pixel_logits(patch_logits, size), labels)  # logits [B, K, H, W]
+    return ChunkedPixelLoss.apply(patch_logits, labels, chunks)
+
+
 def feature_statistics(features: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per-feature mean and std over every patch of every scene: [S, G, G, D] -> [D], [D]."""
     flat = features.flatten(0, 2)  # [S*G*G, D]
@@ -264,31 +373,45 @@ def feature_statistics(features: Tensor, eps: float = 1e-6) -> tuple[Tensor, Ten
 
 
 def train_dense_probe(features: Tensor, labels: Tensor, num_labels: int, cfg: DenseConfig,
-                      seed: int, progress: bool = False) -> DenseProbe:
+                      seed: int, progress: bool = False, budget: int = LOGIT_BUDGET_BYTES
+                      ) -> DenseProbe:
     """Fit a `DenseProbe` on cached features [S, G, G, D] against label maps [S, H, W]: per-pixel
-    cross-entropy of the upsampled logits, AdamW, cosine decay from `cfg.lr`, `cfg.epochs`."""
+    cross-entropy of the upsampled logits (`pixel_loss`, at most `budget` bytes of them at a
+    time), AdamW, cosine decay from `cfg.lr`, `cfg.epochs`; on the features' device."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    labels = labels.to(features.device)  # [S, H, W]
     probe = DenseProbe(*feature_statistics(features), num_labels)
     standardised = probe.standardise(features)  # [S, G, G, D], once rather than every step
     opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, len(features))
     steps_per_epoch = len(features) // batch
     total = cfg.epochs * steps_per_epoch
-    size = labels.shape[-1]
     return fit_on_cached(probe, opt, len(features), batch, cfg.epochs, generator,
                          lambda step: warmup_cosine(step, total, cfg.lr, 0.0, 0),
-                         lambda idx: F.cross_entropy(pixel_logits(probe.classify(standardised[idx]), size),
-                                                     labels[idx]),  # logits [B, K, H, W]
+                         lambda idx: pixel_loss(probe.classify(standardised[idx]), labels[idx],
+                                                budget),  # patch logits [B, K, G, G]
                          progress, "dense probe epochs")
 
 
 @torch.no_grad()
-def predict_maps(probe: DenseProbe, features: Tensor, size: int, batch_size: int = 256) -> Tensor:
-    """Predicted label maps: features [S, G, G, D] -> [S, size, size] int64."""
-    maps = [pixel_logits(probe(features[start:start + batch_size]), size).argmax(1)  # [B, H, W]
-            for start in range(0, len(features), batch_size)]
-    return torch.cat(maps)  # [S, H, W]
+def predict_maps(probe: DenseProbe, features: Tensor, size: int, batch_size: int = 256,
+                 budget: int = LOGIT_BUDGET_BYTES) -> Tensor:
+    """Predicted label maps: features [S, G, G, D] -> [S, size, size] int64, on their device;
+    `batch_size` scenes through the probe at a time (fewer where their patch logits would pass
+    `budget` bytes), upsampled in pieces of at most `budget` bytes (`logit_chunks`; each map is
+    its own, whatever the pieces)."""
+    grid, num_labels = features.shape[1], probe.linear.out_features
+    batch = max(1, min(batch_size, budget // (4 * num_labels * grid * grid)))
+    maps = torch.empty(len(features), size, size, dtype=torch.int64,
+                       device=features.device)  # [S, H, W]
+    for start in range(0, len(features), batch):
+        patch_logits = probe(features[start:start + batch])  # [B, K, G, G]
+        for images, rows in logit_chunks(len(patch_logits), num_labels, grid, size, budget):
+            logits = band_logits(patch_logits[images], rows, size)  # [n, K, h, W]
+            maps[start + images.start:start + images.stop, pixel_rows(rows, grid, size)] = \
+                logits.argmax(1)  # [n, h, W]
+    return maps  # [S, H, W]
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,8 +441,8 @@ def pixel_accuracy(confusion: Tensor) -> float:
 
 
 def dense_scores(pred: Tensor, truth: Tensor, num_labels: int) -> dict[str, float]:
-    """{"miou", "pixel_acc"} (%, 2 decimals) of predicted maps [S, H, W]."""
-    confusion = confusion_matrix(pred, truth, num_labels)  # [K, K]
+    """{"miou", "pixel_acc"} (%, 2 decimals) of predicted maps [S, H, W] (on their device)."""
+    confusion = confusion_matrix(pred, truth.to(pred.device), num_labels)  # [K, K]
     return {"miou": round(mean_iou(confusion), 2), "pixel_acc": round(pixel_accuracy(confusion), 2)}
 
 
@@ -337,24 +460,27 @@ class DenseProbeRun:
     device: torch.device
 
     def predict(self, pixels: Tensor) -> Tensor:
-        """Predicted label maps of scenes [S, C, H, W] in [0, 1]: [S, H, W]."""
+        """Predicted label maps of scenes [S, C, H, W] in [0, 1]: [S, H, W], on the CPU."""
         features = patch_features(self.encoder, pixels, self.cfg.data,
-                                  self.cfg.evaluation.batch_size, self.device)  # [S, G, G, D]
-        return predict_maps(self.probe, features, pixels.shape[-1])  # [S, H, W]
+                                  self.cfg.evaluation.batch_size, self.device,
+                                  amp=self.cfg.pretrain.amp)  # [S, G, G, D]
+        return predict_maps(self.probe, features, pixels.shape[-1]).cpu()  # [S, H, W]
 
 
 def sharded_patch_features(encoder: nn.Module, pixels: Tensor, cfg: Config, device: torch.device,
                            procs: distributed.Processes, progress: bool = False,
                            desc: str = "patch features") -> Tensor:
-    """`patch_features` of every scene [S, C, H, W], whatever the processes: each extracts its run
-    of whole batches, and every process gets all of them, in order: [S, G, G, D]."""
+    """`patch_features` of every scene [S, C, H, W] (under `pretrain.amp`), whatever the
+    processes: each extracts its run of whole batches, and every process gets all of them, in
+    order, on `device`: [S, G, G, D]."""
     batch = cfg.evaluation.batch_size
     rows = distributed.batch_shard(len(pixels), batch, procs)
     if len(rows) == 0:  # more processes than batches
         grid = encoder.patch_embed.grid_size[0]
-        return distributed.gather_rows(torch.zeros(0, grid, grid, encoder.embed_dim), procs)
+        none = torch.zeros(0, grid, grid, encoder.embed_dim, device=device)  # [0, G, G, D]
+        return distributed.gather_rows(none, procs)
     mine = patch_features(encoder, pixels[rows.start:rows.stop], cfg.data, batch, device,
-                          progress and procs.is_main, desc)  # [s, G, G, D]
+                          progress and procs.is_main, desc, cfg.pretrain.amp)  # [s, G, G, D]
     return distributed.gather_rows(mine, procs)  # [S, G, G, D]
 
 

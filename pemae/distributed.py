@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from pemae.runtime import keep_freed_memory, pick_device
+from pemae.runtime import keep_freed_memory, pick_device, use_fast_cuda_math
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,11 @@ def launched_by_torchrun() -> bool:
 
 def start(device_name: str) -> tuple[Processes, torch.device]:
     """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU);
-    glibc's malloc keeps freed memory from here on (`pemae.runtime.keep_freed_memory`)."""
+    glibc's malloc keeps freed memory from here on (`pemae.runtime.keep_freed_memory`), and a GPU
+    runs fp32 matmuls on TF32 tensor cores (`pemae.runtime.use_fast_cuda_math`)."""
     keep_freed_memory()
     device = pick_device(device_name)
+    use_fast_cuda_math(device)
     if dist.is_available() and dist.is_initialized():  # the caller set it up
         return Processes(dist.get_rank(), dist.get_world_size()), device
     if not launched_by_torchrun():
@@ -140,22 +142,50 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def gather_rows(rows: torch.Tensor, procs: Processes) -> torch.Tensor:
-    """Every process's rows [n_r, ...] concatenated in rank order, on every process and on the
-    CPU: [sum of n_r, ...]. The shards may differ in length (padded for the all-gather, then
-    trimmed). One process: `rows` itself."""
-    if not procs.distributed:
-        return rows
-    device = collective_device()
-    count = torch.tensor([len(rows)], device=device)  # [1]
+def row_counts(rows: torch.Tensor, procs: Processes) -> list[int]:
+    """How many rows each process holds, in rank order, on every process (one all-gather)."""
+    count = torch.tensor([len(rows)], device=collective_device())  # [1]
     counts = [torch.zeros_like(count) for _ in range(procs.world_size)]
     dist.all_gather(counts, count)
-    lengths = [int(c.item()) for c in counts]
-    padded = rows.new_zeros((max(lengths), *rows.shape[1:]), device=device)  # [max n_r, ...]
-    padded[:len(rows)] = rows.to(device)
+    return [int(c.item()) for c in counts]
+
+
+def padded_rows(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """`rows` [n, ...] padded with zeros to `length` rows, on the collective device: what every
+    process sends to a gather, whatever its own count. [length, ...]"""
+    padded = rows.new_zeros((length, *rows.shape[1:]), device=collective_device())  # [length, ...]
+    padded[:len(rows)] = rows.to(padded.device)
+    return padded
+
+
+def gather_rows(rows: torch.Tensor, procs: Processes) -> torch.Tensor:
+    """Every process's rows [n_r, ...] concatenated in rank order, on every process, on the device
+    of `rows`: [sum of n_r, ...]. The shards may differ in length (padded for the all-gather,
+    then trimmed). One process: `rows` itself."""
+    if not procs.distributed:
+        return rows
+    lengths = row_counts(rows, procs)
+    padded = padded_rows(rows, max(lengths))  # [max n_r, ...]
     parts = [torch.empty_like(padded) for _ in range(procs.world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:n].cpu() for part, n in zip(parts, lengths)])  # [sum of n_r, ...]
+    gathered = torch.cat([part[:n] for part, n in zip(parts, lengths)])  # [sum of n_r, ...]
+    return gathered.to(rows.device)
+
+
+def gather_rows_to_main(rows: torch.Tensor, procs: Processes) -> torch.Tensor:
+    """`gather_rows` onto the main process alone (one gather, not an all-gather: the other
+    processes hold no copy): [sum of n_r, ...] on rank 0, no rows (`rows[:0]`) elsewhere, on the
+    device of `rows`. One process: `rows` itself."""
+    if not procs.distributed:
+        return rows
+    lengths = row_counts(rows, procs)
+    padded = padded_rows(rows, max(lengths))  # [max n_r, ...]
+    parts = [torch.empty_like(padded) for _ in range(procs.world_size)] if procs.is_main else None
+    dist.gather(padded, parts, dst=0)
+    if not procs.is_main:
+        return rows[:0]  # [0, ...]
+    gathered = torch.cat([part[:n] for part, n in zip(parts, lengths)])  # [sum of n_r, ...]
+    return gathered.to(rows.device)
 
 
 def sum_over_processes(counts: list[int], procs: Processes) -> list[int]:
@@ -165,6 +195,17 @@ def sum_over_processes(counts: list[int], procs: Processes) -> list[int]:
     summed = torch.tensor(counts, dtype=torch.int64, device=collective_device())  # [T]
     dist.all_reduce(summed)
     return summed.tolist()
+
+
+def broadcast_from_main(values: list[float], procs: Processes) -> list[float]:
+    """The main process's `values` on every process (one broadcast, in float64: a Python float
+    arrives bit for bit); every process passes a list of the same length (the others' values are
+    placeholders). `values` itself in one process."""
+    if not procs.distributed:
+        return values
+    shared = torch.tensor(values, dtype=torch.float64, device=collective_device())  # [T]
+    dist.broadcast(shared, src=0)
+    return shared.tolist()
 
 
 def gather_objects(obj: object, procs: Processes) -> list:

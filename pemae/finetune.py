@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable
 
@@ -60,9 +61,9 @@ from pemae.config import Config, ConfigError, FinetuneConfig
 from pemae.data import (build_dataset, eval_batches, eval_transform, finetune_train_transform, fixed_subset,
                         num_classes)
 from pemae.encoder import build_encoder
-from pemae.optim import layer_decay_param_groups, set_lr
-from pemae.pretrain import interrupted_state, peak_lr, refuse_other_config
-from pemae.runtime import MetricLog, autocast, rng_state, seed_everything, set_rng_state
+from pemae.optim import adamw, layer_decay_param_groups, set_lr
+from pemae.pretrain import accumulation_steps, interrupted_state, peak_lr, refuse_other_config
+from pemae.runtime import MetricLog, autocast, grad_scaler, rng_state, seed_everything, set_rng_state
 from pemae.sampling import RankSeededWorkers, ShardedBatches, mixed_seed
 from pemae.schedules import warmup_cosine, warmup_step_count
 
@@ -70,7 +71,7 @@ from pemae.schedules import warmup_cosine, warmup_step_count
 # and how fast it runs, not what it computes)
 FINETUNE_SECTIONS = ("data", "model", "finetune")
 FINETUNE_RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
-                           "finetune.checkpoint_every")
+                           "finetune.checkpoint_every", "finetune.micro_batch_size")
 LAST, PREVIOUS, FINAL = "last.pt", "last.prev.pt", "checkpoint.pt"
 
 
@@ -95,13 +96,14 @@ def classifier_from_encoder(encoder_path: str | Path, cfg: Config, classes: int)
 
 
 @torch.no_grad()
-def correct_count(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[int, int]:
+def correct_count(model: nn.Module, loader: Iterable, device: torch.device,
+                  amp: str = "auto") -> tuple[int, int]:
     """(images classified right, images) over `loader`."""
     model.eval()
     correct = total = 0
     for imgs, y in loader:
-        with autocast(device):
-            logits = model(imgs.to(device))  # [B, classes]
+        with autocast(device, amp):
+            logits = model(imgs.to(device, non_blocking=True))  # [B, classes]
         correct += (logits.argmax(1).cpu() == y).sum().item()
         total += len(y)
     return correct, total
@@ -119,7 +121,8 @@ def split_accuracy(model: nn.Module, dataset: Dataset, cfg: Config, device: torc
     (`pemae.distributed.batch_shard`), the counts are summed; the same on every process."""
     shard = distributed.dataset_shard(dataset, cfg.evaluation.batch_size, procs)
     loader = eval_batches(shard, cfg.evaluation.batch_size, cfg.data.num_workers)
-    counts = distributed.sum_over_processes(list(correct_count(model, loader, device)), procs)
+    counts = distributed.sum_over_processes(list(correct_count(model, loader, device, cfg.pretrain.amp)),
+                                            procs)
     correct, total = counts
     return 100.0 * correct / total
 
@@ -176,7 +179,7 @@ def process_batch_size(fc: FinetuneConfig, world_size: int) -> int:
 
 
 def training_loader(train: Dataset, cfg: Config, generator: torch.Generator,
-                    procs: distributed.Processes) -> DataLoader:
+                    procs: distributed.Processes, device: torch.device) -> DataLoader:
     """The shuffled loader of one process (torch's RandomSampler on `generator`, full batches
     only, the base seed of its workers drawn from `generator` too: exactly
     `DataLoader(shuffle=True, drop_last=True)`), each process taking its part of every batch."""
@@ -184,7 +187,8 @@ def training_loader(train: Dataset, cfg: Config, generator: torch.Generator,
     batches = BatchSampler(RandomSampler(train, generator=generator), fc.batch_size, drop_last=True)
     return DataLoader(train, batch_sampler=ShardedBatches(batches, procs.world_size, procs.rank),
                       num_workers=cfg.data.num_workers, generator=generator,
-                      worker_init_fn=RankSeededWorkers(procs.rank) if procs.distributed else None)
+                      worker_init_fn=RankSeededWorkers(procs.rank) if procs.distributed else None,
+                      pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
 
 
 def seed_process(seed: int, rank: int) -> None:
@@ -199,19 +203,33 @@ def seed_process(seed: int, rank: int) -> None:
 # --------------------------------------------------------------------------------------------
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor,
                y: torch.Tensor, mixup: Mixup | None, label_smoothing: float,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, amp: str = "auto", accum_steps: int = 1,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward, backward (DDP all-reduces the gradients when `net` is wrapped) and update on this
-    process's part of a batch; returns the loss, detached."""
-    imgs, y = imgs.to(device), y.to(device)  # [b, C, H, W], [b]
+    process's part of a batch, in `accum_steps` equal micro-batches whose gradients add up to the
+    part's (mixup/cutmix draw once, on the whole part); returns the loss, detached."""
+    imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, C, H, W], [b]
     if mixup is not None:
         imgs, y = mixup(imgs, y)  # [b, C, H, W] mixed, [b, classes] soft targets
-    with autocast(device):
-        logits = net(imgs)  # [b, classes]
-    loss = classification_loss(logits.float(), y, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    no_sync = getattr(net, "no_sync", None)
+    total = torch.zeros((), device=device)  # [] the part's mean loss
+    for a, (x, t) in enumerate(zip(imgs.chunk(accum_steps), y.chunk(accum_steps))):
+        last = a == accum_steps - 1
+        with no_sync() if (no_sync is not None and not last) else nullcontext():
+            with autocast(device, amp):
+                logits = net(x)  # [m, classes]
+            loss = classification_loss(logits.float(), t, label_smoothing)
+            if accum_steps > 1:
+                loss = loss / accum_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,15 +340,17 @@ def _finetune(cfg: Config, encoder_path: str | Path, out_dir: Path, progress: bo
 
     train = training_set(cfg)
     part = process_batch_size(fc, procs.world_size)
-    train_loader = training_loader(train, cfg, generator, procs)
+    train_loader = training_loader(train, cfg, generator, procs, device)
+    accum = accumulation_steps(fc.batch_size, fc.micro_batch_size, procs.world_size, "finetune")
     scored = (("val",) if cfg.data.val_fraction > 0 else ()) + (("test",) if test else ())
     eval_sets = {split: build_dataset(cfg.data, split, eval_transform(cfg.data)) for split in scored}
 
     classes = num_classes(train)
     model = classifier_from_encoder(encoder_path, cfg, classes).to(device)
     mixup = build_mixup(fc, classes)
-    optimizer = torch.optim.AdamW(layer_decay_param_groups(model, fc.weight_decay, fc.layer_decay),
-                                  lr=0.0, betas=tuple(fc.betas))
+    optimizer = adamw(layer_decay_param_groups(model, fc.weight_decay, fc.layer_decay), device,
+                      lr=0.0, betas=tuple(fc.betas))
+    scaler = grad_scaler(device, cfg.pretrain.amp)
     steps_per_epoch = len(train) // fc.batch_size
     total_steps = fc.epochs * steps_per_epoch
     lr = peak_lr(fc.batch_size, fc.base_lr)
@@ -341,9 +361,10 @@ def _finetune(cfg: Config, encoder_path: str | Path, out_dir: Path, progress: bo
     net = distributed.wrap(model, procs, device)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if main and (procs.distributed or start_step):
+    if main and (procs.distributed or start_step or accum > 1):
         print(f"fine-tuning: {len(train)} images, {fc.epochs} epochs x {steps_per_epoch} steps; "
-              f"{procs.world_size} process(es) x {part} images = batch {fc.batch_size}; base lr "
+              f"{procs.world_size} process(es) x {part // accum} images x {accum} accumulation "
+              f"step(s) = batch {fc.batch_size}; base lr "
               f"{fc.base_lr:g} -> lr {lr:g}; device {device.type}")
     log = MetricLog(out_dir / "log.csv", keep_until=start_step or None) if main else None
 
@@ -354,7 +375,8 @@ def _finetune(cfg: Config, encoder_path: str | Path, out_dir: Path, progress: bo
         for imgs, y in tqdm(train_loader, disable=not (progress and main),
                             desc=f"finetune epoch {epoch + 1}"):
             set_lr(optimizer, warmup_cosine(step, total_steps, lr, fc.min_lr, warmup_steps))
-            loss = train_step(net, optimizer, imgs, y, mixup, fc.label_smoothing, device)
+            loss = train_step(net, optimizer, imgs, y, mixup, fc.label_smoothing, device,
+                              cfg.pretrain.amp, accum, scaler)
             step += 1
             if checkpoint_due(fc, step, total_steps) and step % steps_per_epoch:  # mid-epoch
                 save_checkpoint(out_dir / LAST, model, optimizer, cfg, step, steps_per_epoch,

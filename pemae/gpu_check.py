@@ -9,6 +9,7 @@ the measured images/s, over the GPU's dense bf16 peak. The command (paper preset
 
     python -m pemae.gpu_check
 
+`python -m pemae.gpu_check --smoke` runs the real loops end to end instead (`pemae.smoke`).
 It needs a CUDA GPU for the paper preset (on a CPU it refuses); `--preset tiny --device cpu
 --amp off` runs the same code on the CPU in seconds. `python -m pemae.gpu_check --estimate`
 prints the FLOPs and GPU-hours of the preset's full run (800 epochs of ImageNet-1K) at an
@@ -239,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--estimate", action="store_true",
                         help="print the compute estimate of a full run instead of the GPU check")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run the real loops (pretrain, resume, evaluate, fine-tune, dense) "
+                        "under torchrun on a small image folder instead (pemae.smoke)")
+    parser.add_argument("--out", default="results/bench/gpu", help="smoke: folder for smoke.md/json")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
@@ -253,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="estimate: default the preset's")
     args = parser.parse_args(argv)
 
+    if args.smoke:
+        from pemae.smoke import smoke
+
+        smoke(args.out, args.device)
+        return 0
     if args.estimate:
         compute_estimate(args.preset, epochs=args.epochs, mfu=args.mfu,
                          peak_tflops=args.peak_tflops or 989.0, mfu_measured=args.mfu_measured)

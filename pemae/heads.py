@@ -35,5 +35,8 @@ class LabellingHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)  # [..., bottleneck]
-        x = F.normalize(x, dim=-1)  # [..., bottleneck]
-        return self.last_layer(x)  # [..., K]
+        # the prototype layer in fp32 even under autocast: its cosine logits are divided by a
+        # temperature of 0.04-0.1, and bf16 would round them at 2^-9 first (DINO keeps it in fp32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.normalize(x.float(), dim=-1)  # [..., bottleneck]
+            return self.last_layer(x)  # [..., K] fp32

@@ -35,7 +35,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def centered_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+def centered_probs(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float | torch.Tensor) -> torch.Tensor:
     """DINO: softmax((t - c) / τ_t) over the K prototypes. [..., K] -> [..., K]."""
     return F.softmax((teacher_logits.float() - center) / temp, dim=-1)
 
@@ -48,7 +48,7 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float | torch.Tensor, iterations: int = 3) -> torch.Tensor:
     """Balanced soft assignments (SwAV / DINOv2): equal mass per prototype over the batch.
 
     [..., K] -> [..., K], each row a distribution; across all processes the column sums match.
@@ -56,7 +56,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, iterations: int = 
     shape = teacher_logits.shape
     logits = teacher_logits.float().reshape(-1, shape[-1]) / temp  # [S, K]
     q = torch.exp(logits - _global_max(logits.max())).T  # [K, S], the same shift on every process
-    samples = torch.tensor(q.shape[1], dtype=q.dtype, device=q.device)
+    samples = q.new_full((), q.shape[1])  # [] on q's device: no host-to-device copy
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(samples)
     num_prototypes = q.shape[0]

@@ -1,7 +1,7 @@
 """PEMAE: MAE with token reconstruction and pseudo labels from decoupled EMA teachers.
 
 Nandam et al., "Pseudo Labelling for Enhanced Masked Autoencoders", BMVC 2024. One step
-(METHOD.md, shapes for B images, N patches, V visible, M masked, D width, K prototypes):
+(docs/method.md, shapes for B images, N patches, V visible, M masked, D width, K prototypes):
 
 1. mask, encode the visible patches (student)                 z_cls [B, D], z_vis [B, V, D]
 2. decode; a linear head predicts a token at every masked spot  y [B, M, D]
@@ -107,7 +107,7 @@ def target_monitors(targets: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @dataclass
 class StepPieces:
-    """The tensors of one PEMAE step before its loss (`PEMAE.step_pieces`), named as in METHOD.md.
+    """The tensors of one PEMAE step before its loss (`PEMAE.step_pieces`), named as in docs/method.md.
 
     Shapes for B images, N patches, V visible, M masked, D encoder width, Dd decoder width,
     K prototypes. `PEMAE.forward` computes every loss term from these and nothing else; a piece
@@ -119,7 +119,7 @@ class StepPieces:
     decoded: torch.Tensor  # [B, N, Dd] decoder output at every patch position
     y: torch.Tensor  # token target: [B, M, D] predicted tokens at M; pixel: [B, N, p*p*C]
     targets: torch.Tensor | None  # [B, M, D] reconstruction teacher's LayerNorm-ed tokens at M
-    teacher_temp: float  # τ_t of this step
+    teacher_temp: torch.Tensor  # [] τ_t of this step
     q_cls: torch.Tensor | None  # [B, K] labelling teacher's CLS pseudo labels (view2's if any)
     s_cls: torch.Tensor | None  # [B, K] student CLS logits H(z_cls)
     q_tok: torch.Tensor | None  # [B, M, K] labelling teacher's pseudo labels of the masked tokens
@@ -199,7 +199,7 @@ class PEMAE(nn.Module):
     def momentum(self, name: str, step: int) -> float:
         return ema_momentum(step, self.total_steps, getattr(self.method, self.momentum_knob(name)))
 
-    def pseudo_labels(self, teacher_logits: torch.Tensor, kind: str, temp: float) -> torch.Tensor:
+    def pseudo_labels(self, teacher_logits: torch.Tensor, kind: str, temp: torch.Tensor) -> torch.Tensor:
         """Teacher probabilities [..., K] for `kind` ("cls" or "tok"): centred softmax or Sinkhorn-Knopp.
 
         In training the batch's mean logits are kept for the centre update after the step, so every
@@ -254,8 +254,7 @@ class PEMAE(nn.Module):
             y = student.decoder_pred(decoded)  # [B, N, p*p*C]
 
         # ---------------------------------------------------------------- pseudo labels
-        temp = teacher_temperature(step, self.total_steps, m.teacher_temp_start, m.teacher_temp,
-                                   m.teacher_temp_warmup)
+        temp = self.step_scalars(step, imgs.device)["teacher_temp"]  # []
         q_cls = s_cls = q_tok = s_tok = None
         if self.use_cls:
             with torch.no_grad():
@@ -303,10 +302,22 @@ class PEMAE(nn.Module):
                 out.update(self.monitors("tok", p.q_tok, self.center_tok))
 
         out["loss"] = loss
-        out["teacher_temp"] = torch.tensor(p.teacher_temp)
-        for name in self.teacher_set:
-            out[f"momentum_{name}"] = torch.tensor(self.momentum(name, step))
+        out.update(self.step_scalars(step, imgs.device))  # τ_t and the teachers' momenta, logged
         return out
+
+    @torch.compiler.disable
+    def step_scalars(self, step: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The step's schedule values as 0-d tensors on `device`: τ_t ("teacher_temp") and each
+        teacher's EMA momentum ("momentum_<name>"). Computed outside `torch.compile`, so that a
+        compiled forward takes them as inputs instead of constants it would recompile for at
+        every step; filled on the device, with no host-to-device copy."""
+        m = self.method
+        temp = teacher_temperature(step, self.total_steps, m.teacher_temp_start, m.teacher_temp,
+                                   m.teacher_temp_warmup)
+        scalars = {"teacher_temp": torch.full((), temp, device=device)}
+        for name in self.teacher_set:
+            scalars[f"momentum_{name}"] = torch.full((), self.momentum(name, step), device=device)
+        return scalars
 
     def monitors(self, kind: str, probs: torch.Tensor, center: torch.Tensor) -> dict[str, torch.Tensor]:
         """Collapse monitors of one kind of pseudo label (all detached scalars).

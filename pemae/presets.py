@@ -30,14 +30,15 @@ PAPER = {
               "norm_pix_loss": True},
     "method": {"num_prototypes": 8192, "head_hidden_dim": 2048, "head_bottleneck_dim": 256,
                "freeze_last_layer_epochs": 1.0},
-    # MAE's Table 8; batch 4096 = 8 GPUs x 128 images x 4 accumulation steps (other GPU counts:
-    # see the README)
-    "pretrain": {"epochs": 800, "batch_size": 4096, "accum_steps": 4, "base_lr": 1.5e-4,
+    # MAE's Table 8; batch 4096 on any number of GPUs: at most 128 images per GPU per pass, the
+    # rest accumulated (8 GPUs x 128 x 4 steps; 1 GPU x 128 x 32)
+    "pretrain": {"epochs": 800, "batch_size": 4096, "micro_batch_size": 128, "base_lr": 1.5e-4,
                  "min_lr": 0.0, "warmup_epochs": 40, "weight_decay": 0.05, "betas": [0.9, 0.95],
                  "log_every": 50, "checkpoint_every": 1000},
     # MAE's Table 9 with FINETUNE.md's ViT-B values (blr 5e-4, layer decay 0.65); timm's
     # RandAugment (9, 0.5), random erasing, mixup and cutmix
-    "finetune": {"epochs": 100, "batch_size": 1024, "base_lr": 5e-4, "min_lr": 1e-6,
+    "finetune": {"epochs": 100, "batch_size": 1024, "micro_batch_size": 128, "base_lr": 5e-4,
+                 "min_lr": 1e-6,
                  "warmup_epochs": 5, "weight_decay": 0.05, "betas": [0.9, 0.999],
                  "layer_decay": 0.65, "drop_path": 0.1, "label_smoothing": 0.1,
                  "global_pool": "avg", "crop_min_scale": 0.08,

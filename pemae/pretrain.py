@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -34,9 +35,9 @@ from pemae import checkpoint, distributed
 from pemae.config import Config, ConfigError, build_config, config_differences
 from pemae.data import build_dataset, pretrain_transform, skipped_images
 from pemae.model import build_pretrain_model, collapse_report, num_views
-from pemae.optim import param_groups, set_lr
-from pemae.runtime import (MetricLog, amp_dtype, autocast, compile_seconds, peak_memory_mb, read_log,
-                           rng_state, seed_everything, set_rng_state)
+from pemae.optim import adamw, param_groups, set_lr
+from pemae.runtime import (MetricLog, amp_dtype, autocast, compile_seconds, grad_scaler, peak_memory_mb,
+                           read_log, rng_state, seed_everything, set_rng_state)
 from pemae.sampling import GlobalBatchSampler, SeededViews
 from pemae.schedules import warmup_cosine, warmup_step_count
 
@@ -44,6 +45,7 @@ from pemae.schedules import warmup_cosine, warmup_step_count
 # it computes (the batches do not depend on processes, accumulation or workers: pemae.sampling).
 RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
                   "pretrain.device", "pretrain.amp", "pretrain.compile", "pretrain.accum_steps",
+                  "pretrain.micro_batch_size",
                   "pretrain.log_every", "pretrain.checkpoint_every", "pretrain.resume",
                   "pretrain.overwrite")
 PRETRAIN_SECTIONS = ("data", "model", "method", "pretrain")
@@ -87,6 +89,30 @@ def micro_batch_size(batch_size: int, accum_steps: int, world_size: int) -> int:
         raise ConfigError(f"pretrain.batch_size = {batch_size} does not split into {world_size} "
                           f"process(es) x pretrain.accum_steps = {accum_steps} equal micro-batches")
     return batch_size // parts
+
+
+def accumulation_steps(batch_size: int, micro_batch: int, world_size: int, section: str) -> int:
+    """Micro-batches per step so that no process takes more than `micro_batch` images at once:
+    ceil(batch / (world x micro)); the batch must then split evenly (a ConfigError names the keys).
+    `micro_batch` 0: one micro-batch (the batch split over the processes)."""
+    if not micro_batch:
+        return 1
+    accum = max(1, -(-batch_size // (world_size * micro_batch)))
+    if batch_size % (world_size * accum):
+        raise ConfigError(f"{section}.batch_size = {batch_size} does not split into {world_size} "
+                          f"process(es) x {accum} equal micro-batches of at most "
+                          f"{section}.micro_batch_size = {micro_batch} images")
+    return accum
+
+
+def with_accumulation(cfg: Config, world_size: int) -> Config:
+    """`cfg` with `pretrain.accum_steps` derived from `pretrain.micro_batch_size` (when set) for
+    this number of processes: the same global batch, and so the same recipe, on 1 or 8 GPUs."""
+    pc = cfg.pretrain
+    if not pc.micro_batch_size:
+        return cfg
+    accum = accumulation_steps(pc.batch_size, pc.micro_batch_size, world_size, "pretrain")
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(pc, accum_steps=accum))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +187,7 @@ class FiniteLossGuard:
                 step, terms = bad[0]
                 values = {k: v.item() for k, v in terms.items()}
                 shown = ", ".join(f"{k} = {v:.4g}" for k, v in values.items())
-                culprits = ", ".join(k for k, v in values.items() if not torch.isfinite(torch.tensor(v)))
+                culprits = ", ".join(k for k, v in values.items() if not math.isfinite(v))
                 where = f"step {step}: {shown} (non-finite: {culprits})"
             else:
                 where = "a step on another process"
@@ -292,6 +318,7 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
     seed_everything(cfg.pretrain.seed)
     dataset = build_dataset(cfg.data, "train", pretrain_transform(cfg.data))
     cfg = batch_for_data(cfg, len(dataset), procs.world_size)  # saved and resumed as resolved
+    cfg = with_accumulation(cfg, procs.world_size)
     pc, main = cfg.pretrain, procs.is_main
     micro = micro_batch_size(pc.batch_size, pc.accum_steps, procs.world_size)
     if len(dataset) < pc.batch_size:
@@ -309,10 +336,8 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
             print(f"pretrain.overwrite: training again over the completed run in {out_dir}")
 
     model = build_pretrain_model(cfg, total_steps, steps_per_epoch).to(device)
-    if pc.compile:
-        model.compile()  # in place: the state dict keeps its keys
-    optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=0.0, betas=tuple(pc.betas))
-    scaler = torch.amp.GradScaler(device.type, enabled=pc.amp == "fp16")
+    optimizer = adamw(param_groups(model, pc.weight_decay), device, lr=0.0, betas=tuple(pc.betas))
+    scaler = grad_scaler(device, pc.amp)
     resumed_path, state = found or (None, {})
     if found:
         resume(resumed_path, state, cfg, steps_per_epoch, model, optimizer, scaler)
@@ -328,6 +353,8 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
                                          procs.world_size, procs.rank, pc.accum_steps, start_step),
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     net = distributed.wrap(model, procs, device)
+    if pc.compile:  # after the DDP wrap, so that DDP's bucketing sees the compiled graph
+        net.compile()  # in place: the state dict keeps its keys
     lr = peak_lr(pc.batch_size, pc.base_lr)
     warmup_steps = warmup_step_count(pc.warmup_epochs, steps_per_epoch, total_steps)
     if main:
@@ -349,48 +376,50 @@ def _pretrain(cfg: Config, out_dir: Path, progress: bool, procs: distributed.Pro
     window_start, window_step = time.perf_counter(), start_step
     terms: dict[str, torch.Tensor] = {}
     model.train()
-    for i, (imgs, noise, *second) in enumerate(loader):  # second: [view2] under views: 2
-        a = i % pc.accum_steps
-        if a == 0:
-            set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
-            optimizer.zero_grad(set_to_none=True)
-            terms = {}
-        logged = (step + 1) % pc.log_every == 0 or step + 1 == total_steps
-        micro_terms = micro_step(net, imgs.to(device, non_blocking=True), step, device, pc.amp,
-                                 noise.to(device, non_blocking=True), scaler,
-                                 loss_weight=1 / pc.accum_steps, sync=a == pc.accum_steps - 1,
-                                 monitor=logged,
-                                 view2=second[0].to(device, non_blocking=True) if second else None)
-        for k, v in micro_terms.items():  # [] each: the step's mean over its micro-batches
-            terms[k] = terms.get(k, 0.0) + v / pc.accum_steps
-        if a < pc.accum_steps - 1:
-            continue
-        apply_update(model, optimizer, step, scaler)
-        step += 1
-        guard.add(step, terms)
-        bar.update()
+    try:
+        for i, (imgs, noise, *second) in enumerate(loader):  # second: [view2] under views: 2
+            a = i % pc.accum_steps
+            if a == 0:
+                set_lr(optimizer, warmup_cosine(step, total_steps, lr, pc.min_lr, warmup_steps))
+                optimizer.zero_grad(set_to_none=True)
+                terms = {}
+            logged = (step + 1) % pc.log_every == 0 or step + 1 == total_steps
+            micro_terms = micro_step(net, imgs.to(device, non_blocking=True), step, device, pc.amp,
+                                     noise.to(device, non_blocking=True), scaler,
+                                     loss_weight=1 / pc.accum_steps, sync=a == pc.accum_steps - 1,
+                                     monitor=logged,
+                                     view2=second[0].to(device, non_blocking=True) if second else None)
+            for k, v in micro_terms.items():  # [] each: the step's mean over its micro-batches
+                terms[k] = terms.get(k, 0.0) + v / pc.accum_steps
+            if a < pc.accum_steps - 1:
+                continue
+            apply_update(model, optimizer, step, scaler)
+            step += 1
+            guard.add(step, terms)
+            bar.update()
 
-        if logged:
-            guard.check(last_good)
-            now = time.perf_counter()
-            seconds += now - window_start
-            rate = (step - window_step) * pc.batch_size / (now - window_start)
-            window_start, window_step = now, step
-            row = distributed.mean_over_processes(
-                {**terms, "skipped_images": torch.tensor(float(skipped_images(dataset)))})
-            row["skipped_images"] *= procs.world_size  # a sum over processes
-            if main:
-                log.append(step=step, epoch=step / steps_per_epoch, lr=optimizer.param_groups[0]["lr"],
-                           images_per_s=rate, peak_mem_mb=peak_memory_mb(device), **row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
-        if pc.checkpoint_every and step % pc.checkpoint_every == 0 and step < total_steps:
-            guard.check(last_good)
-            distributed.check_replicas_agree(model)
-            if main:
-                checkpoint.save_atomic(training_state(model, optimizer, scaler, cfg, step, total_steps,
-                                                      steps_per_epoch, seconds), last_path, prev_path)
-            last_good = f"the last good checkpoint, {last_path} (step {step}), is untouched"
-    bar.close()
+            if logged:
+                guard.check(last_good)
+                now = time.perf_counter()
+                seconds += now - window_start
+                rate = (step - window_step) * pc.batch_size / (now - window_start)
+                window_start, window_step = now, step
+                row = distributed.mean_over_processes(
+                    {**terms, "skipped_images": torch.tensor(float(skipped_images(dataset)), device=device)})
+                row["skipped_images"] *= procs.world_size  # a sum over processes
+                if main:
+                    log.append(step=step, epoch=step / steps_per_epoch, lr=optimizer.param_groups[0]["lr"],
+                               images_per_s=rate, peak_mem_mb=peak_memory_mb(device), **row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
+            if pc.checkpoint_every and step % pc.checkpoint_every == 0 and step < total_steps:
+                guard.check(last_good)
+                distributed.check_replicas_agree(model)
+                if main:
+                    checkpoint.save_atomic(training_state(model, optimizer, scaler, cfg, step, total_steps,
+                                                          steps_per_epoch, seconds), last_path, prev_path)
+                last_good = f"the last good checkpoint, {last_path} (step {step}), is untouched"
+    finally:  # the bar ends its line before any message
+        bar.close()
     guard.check(last_good)
     distributed.check_replicas_agree(model)
     if not main:

@@ -31,10 +31,24 @@ def pick_device(name: str, key: str = "pretrain.device") -> torch.device:
     return torch.device(name)
 
 
+def has_bf16_tensor_cores(device: torch.device) -> bool:
+    """Whether a CUDA device computes bf16 natively (compute capability 8.0 or newer: A100, H100,
+    ...); before that bf16 is emulated or refused."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `pretrain.amp`: auto = bf16 on CUDA, fp32 (None) on CPU."""
+    """The autocast dtype of `pretrain.amp` on `device`: auto = bf16 on a GPU with bf16 tensor
+    cores, fp16 on an older GPU, fp32 (None) on the CPU. bf16 asked of an older GPU is a
+    ConfigError."""
+    if device.type != "cuda" and amp == "auto":
+        return None
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if has_bf16_tensor_cores(device) else torch.float16
+    if amp == "bf16" and device.type == "cuda" and not has_bf16_tensor_cores(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"pretrain.amp = 'bf16' but {torch.cuda.get_device_name(device)} (compute "
+                          f"capability {major}.{minor}) has no bf16 tensor cores: use 'fp16' or 'auto'")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -42,6 +56,20 @@ def autocast(device: torch.device, amp: str = "auto"):
     """Mixed precision for the forward pass (matmuls in bf16/fp16); losses cast to fp32 themselves."""
     dtype = amp_dtype(amp, device)
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, amp: str = "auto") -> torch.amp.GradScaler:
+    """Loss scaling, enabled exactly when the forward runs in fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(amp, device) is torch.float16)
+
+
+def use_fast_cuda_math(device: torch.device) -> None:
+    """On a GPU: fp32 matmuls and convolutions on TF32 tensor cores (what stays fp32 under
+    autocast: the prototype layer, the losses, the probes). Nothing changes on the CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
 
 
 # glibc malloc's knobs (mallopt): its defaults hand large freed blocks straight back to the OS, so

@@ -14,10 +14,11 @@ from conftest import needs_fashion_mnist, tiny_config
 from pemae import checkpoint
 from pemae.config import ConfigError, DenseConfig, build_config
 from pemae.data import build_dataset, source_indices, train_val_indices
-from pemae.dense import (Scenes, build_scenes, canvas_size, compose_scenes, confusion_matrix,
-                         dense_probe, dense_scores, draw_dense_predictions, draw_placements,
-                         label_colours, mean_iou, paste, pixel_accuracy, pixel_logits,
-                         predict_maps, resize_encoder, train_dense_probe)
+from pemae.dense import (LOGIT_BUDGET_BYTES, Scenes, band_logits, build_scenes, canvas_size,
+                         compose_scenes, confusion_matrix, dense_probe, dense_scores,
+                         draw_dense_predictions, draw_placements, label_colours, logit_chunks,
+                         mean_iou, paste, pixel_accuracy, pixel_logits, pixel_loss, predict_maps,
+                         resize_encoder, train_dense_probe)
 from pemae.encoder import build_encoder
 from pemae.pos_embed import sincos_2d
 
@@ -265,6 +266,135 @@ def test_miou_leaves_out_labels_absent_from_the_truth():
     # label 0: 1 / (2 + 1 - 1) = 1/2; label 1: 2 / 2 = 1; labels 2 and 3 left out
     assert mean_iou(confusion_matrix(pred, truth, 4)) == pytest.approx(75.0)
     assert dense_scores(pred, truth, 4) == {"miou": 75.0, "pixel_acc": 75.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded memory: the pixel logits in pieces
+# --------------------------------------------------------------------------------------------
+def computed_bytes(images: slice, rows: slice, num_labels: int, grid: int, size: int) -> int:
+    """Bytes of float32 pixel logits one piece makes, its band's margin rows included."""
+    if rows == slice(0, grid):
+        pixel_rows_made = size
+    else:
+        pixel_rows_made = (min(rows.stop + 1, grid) - max(rows.start - 1, 0)) * (size // grid)
+    return 4 * (images.stop - images.start) * num_labels * pixel_rows_made * size
+
+
+def assert_pieces_cover_once(chunks, num_images: int, grid: int) -> None:
+    covered = torch.zeros(num_images, grid, dtype=torch.int64)  # [B, G] pieces per patch row
+    for images, rows in chunks:
+        covered[images, rows] += 1
+    assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("num_images", [128, 256])  # the probe's batch, predict_maps' batch
+def test_paper_preset_logits_are_made_under_the_budget(num_images):
+    cfg = build_config("paper", {"data": {"root": "/imagenet"}})
+    size, labels = canvas_size(cfg), 1 + 1000  # 448 px, ImageNet's classes and background
+    grid = size // cfg.model.patch_size  # 28
+    assert 4 * num_images * labels * size * size > 100e9  # all at once: over 100 GB
+    chunks = logit_chunks(num_images, labels, grid, size)
+    assert_pieces_cover_once(chunks, num_images, grid)
+    assert max(computed_bytes(*c, labels, grid, size) for c in chunks) <= LOGIT_BUDGET_BYTES
+
+
+def test_logits_of_one_image_over_budget_are_made_in_bands_of_patch_rows():
+    labels, grid, size = 1001, 56, 896  # the paper preset on a 4x canvas: 3.2 GB per image
+    chunks = logit_chunks(3, labels, grid, size)
+    assert_pieces_cover_once(chunks, 3, grid)
+    assert all(images.stop - images.start == 1 and rows != slice(0, grid)
+               for images, rows in chunks)
+    assert max(computed_bytes(*c, labels, grid, size) for c in chunks) <= LOGIT_BUDGET_BYTES
+    least = logit_chunks(1, labels, grid, size, budget=1)  # a band holds one patch row at least
+    assert [rows for _, rows in least] == [slice(r, r + 1) for r in range(grid)]
+
+
+@pytest.mark.parametrize("preset, batch", [("default", 128), ("default", 256), ("tiny", 32)])
+def test_small_configurations_make_their_logits_in_one_piece(preset, batch):
+    cfg = build_config(preset, {"data": {"download": False}})
+    size = canvas_size(cfg)
+    grid = size // cfg.model.patch_size
+    assert logit_chunks(batch, 11, grid, size) == [(slice(0, batch), slice(0, grid))]
+
+
+def patch_logits_and_labels(num: int = 6, labels: int = 5, grid: int = 4, patch: int = 4,
+                            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patch logits [num, labels, grid, grid] and label maps [num, grid*patch, grid*patch]."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num, labels, grid, grid, generator=gen)  # [B, K, G, G]
+    target = torch.randint(labels, (num, grid * patch, grid * patch), generator=gen)  # [B, H, W]
+    return logits, target
+
+
+@pytest.mark.parametrize("per_piece", ["two images", "one patch row"])
+def test_the_loss_in_pieces_equals_the_loss_at_once_and_so_does_its_gradient(per_piece):
+    logits, target = patch_logits_and_labels()  # [6, 5, 4, 4], [6, 16, 16]
+    image_bytes = 4 * 5 * 16 * 16
+    budget = 2 * image_bytes if per_piece == "two images" else 3 * image_bytes // 4
+    whole, pieces = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    expected = F.cross_entropy(pixel_logits(whole, 16), target)  # today's loss
+    assert len(logit_chunks(6, 5, 4, 16, budget)) > 1
+    got = pixel_loss(pieces, target, budget)
+    assert abs(got.item() - expected.item()) <= 1e-6
+    expected.backward()
+    got.backward()
+    assert torch.allclose(pieces.grad, whole.grad, atol=1e-8, rtol=1e-5)
+    at_once = F.cross_entropy(pixel_logits(logits, 16), target)  # within the default budget
+    assert torch.equal(pixel_loss(logits, target), at_once)
+
+
+def test_peak_logits_of_the_loss_stay_under_the_budget(monkeypatch):
+    logits, target = patch_logits_and_labels(num=8, labels=7)  # [8, 7, 4, 4], [8, 16, 16]
+    made = []
+    interpolate = F.interpolate
+
+    def recording(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        made.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(F, "interpolate", recording)
+    budget = 4 * 7 * 16 * 16  # one image
+    pixel_loss(logits.requires_grad_(), target, budget).backward()
+    assert len(made) == 8 and max(made) <= budget
+    made.clear()
+    pixel_loss(logits, target, 3 * budget // 4).backward()  # bands of one patch row (of 4)
+    assert len(made) == 8 * 4 and max(made) <= 3 * budget // 4
+
+
+@pytest.mark.parametrize("patch", [4, 3])  # 3: the interpolation weights are not exact
+def test_a_band_of_patch_rows_is_those_rows_of_the_whole_map(patch):
+    logits, _ = patch_logits_and_labels(num=2, labels=3, grid=6, patch=patch)  # [2, 3, 6, 6]
+    size = 6 * patch
+    whole = pixel_logits(logits, size)  # [2, 3, size, size]
+    for rows in (slice(0, 2), slice(2, 3), slice(3, 6), slice(0, 6)):
+        band = band_logits(logits, rows, size)  # [2, 3, h, size]
+        part = whole[:, :, rows.start * patch:rows.stop * patch]
+        assert band.shape == part.shape
+        if patch == 4:
+            assert torch.equal(band, part)
+        else:
+            assert torch.allclose(band, part, atol=1e-6)
+
+
+def test_maps_predicted_in_pieces_equal_the_maps_at_once():
+    train_x, train_y = quadrant_scenes(32, 8, 4, 5, seed=0)
+    probe = train_dense_probe(train_x, train_y, 5, DenseConfig(epochs=2, batch_size=16), seed=0)
+    test_x = quadrant_scenes(10, 8, 4, 5, seed=1)[0] + torch.randn(10, 8, 8, 16)  # near ties too
+    whole = predict_maps(probe, test_x, 32)  # [10, 32, 32]
+    image_bytes = 4 * 5 * 32 * 32
+    for budget in (3 * image_bytes, image_bytes // 2, 1):  # images, bands, single patch rows
+        assert torch.equal(predict_maps(probe, test_x, 32, batch_size=4, budget=budget), whole)
+
+
+def test_a_probe_trained_on_the_loss_in_pieces_matches_the_probe_trained_at_once():
+    cfg = DenseConfig(epochs=2, batch_size=16)
+    x, y = quadrant_scenes(32, 8, 4, 5, seed=0)
+    whole = train_dense_probe(x, y, 5, cfg, seed=0)
+    pieces = train_dense_probe(x, y, 5, cfg, seed=0, budget=4 * 5 * 32 * 32 // 2)  # half an image
+    for a, b in zip(whole.state_dict().values(), pieces.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(whole.linear.weight, train_dense_probe(x, y, 5, cfg, seed=0).linear.weight)
 
 
 # --------------------------------------------------------------------------------------------

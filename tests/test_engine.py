@@ -25,7 +25,7 @@ from pemae.config import ConfigError, config_differences
 from pemae.mae import MaskedAutoencoder
 from pemae.model import build_pretrain_model
 from pemae.pretrain import (NonFiniteLossError, micro_batch_size, pretrain, train_step)
-from pemae.runtime import MetricLog, amp_dtype, read_log
+from pemae.runtime import MetricLog, amp_dtype, grad_scaler, read_log
 from pemae.sampling import GlobalBatchSampler, SeededViews
 
 CPU = torch.device("cpu")
@@ -210,10 +210,20 @@ def build_reference(method: str) -> dict:
     return build_pretrain_model(one_step_config(METHODS[method]), 1, 1).state_dict()
 
 
-def test_amp_resolution():
+def test_amp_resolution(monkeypatch):
     assert amp_dtype("auto", CPU) is None and amp_dtype("off", CPU) is None
-    assert amp_dtype("auto", torch.device("cuda")) is torch.bfloat16
     assert amp_dtype("bf16", CPU) is torch.bfloat16 and amp_dtype("fp16", CPU) is torch.float16
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    for capability, auto in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 0), torch.float16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert amp_dtype("auto", gpu) is auto, capability  # bf16 from Ampere on, fp16 before
+    with pytest.raises(ConfigError, match=r"pretrain.amp = 'bf16' but Tesla V100 \(compute capability "
+                                          r"7.0\) has no bf16 tensor cores"):
+        amp_dtype("bf16", gpu)
+    # loss scaling exactly for fp16
+    assert [grad_scaler(CPU, amp).is_enabled() for amp in ("auto", "off", "bf16", "fp16")] == [
+        False, False, False, True]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pemae.config import build_config
@@ -105,3 +107,15 @@ def test_main_prints_a_table_of_the_three_variants(capsys):
 def test_main_refuses_the_paper_preset_on_the_cpu(capsys):
     assert main(["--device", "cpu"]) == 2
     assert "needs a GPU" in capsys.readouterr().out
+
+
+def test_smoke_check_runs_the_real_loops_and_resumes_exactly(tmp_path):
+    """`python -m pemae.gpu_check --smoke` on the CPU: pretraining killed at its first checkpoint
+    resumes to the uninterrupted run's weights bit for bit; every later command writes its figures."""
+    assert main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert row["interrupted"] is True and row["resume_max_abs_diff"] == 0.0
+    assert row["steps"] == 60 and not row["collapsed"]
+    for key in ("test_knn_top1", "test_linear_top1", "finetune_test_top1", "dense_test_miou"):
+        assert 0 < row[key] <= 100, key
+    assert "| resume_max_abs_diff | 0 |" in (tmp_path / "smoke.md").read_text()

@@ -11,7 +11,7 @@ its main_finetune.py (RandAugment `rand-m9-mstd0.5-inc1`, random erasing 0.25 in
 mixup 0.8, cutmix 1.0, prob 1.0, switch 0.5, per batch).
 
 A change that moves the preset away from the recipe fails here. Where pemae differs on purpose,
-DIFFERENCES names the key, MAE's value and why (the README's "Scaling up" section says the
+DIFFERENCES names the key, MAE's value and why (docs/gpu.md says the
 same); every other key of the resolved config is either MAE's (MAE_RECIPE) or has no counterpart
 in MAE (NOT_IN_MAE), so a new knob must be classified before this file passes.
 """
@@ -93,9 +93,6 @@ DIFFERENCES = {
     "pretrain.epochs": (1600, 800, "MAE's ViT-B 83.6 / 68.0 come from 1600 epochs (Table 3, "
                         "FINETUNE.md); 800 is MAE's own default schedule and halves the cost: "
                         "--set pretrain.epochs=1600 for the published numbers"),
-    "pretrain.accum_steps": (1, 4, "MAE ran 64 GPUs x 64 images; the preset reaches the same "
-                             "global batch 4096 on 8 GPUs x 128 images x 4 accumulation steps "
-                             "(the same gradient: no BatchNorm in the model)"),
     "data.val_fraction": (0.0, 0.1, "pemae's protocol: 10% of the training images are held out "
                           "as the validation split every choice is made on; MAE trains on all "
                           "of ImageNet train. --set data.val_fraction=0 for MAE's data"),
@@ -109,12 +106,13 @@ CODE_DIFFERENCES = {
     "probe BatchNorm eps": "1e-5 (torch's default) where MAE uses 1e-6",
     "probe readouts": "pemae reports the CLS token (MAE's linear-probe readout) and the average "
                       "of the patch tokens",
-    "precision": "bf16 autocast on CUDA (pretrain.amp auto; fine-tuning likewise) where MAE uses "
-                 "fp16 with a loss scaler: bf16 needs no scaler and does not overflow",
+    "precision": "bf16 autocast on GPUs with bf16 tensor cores (pretrain.amp auto, for every "
+                 "loop; fp16 with a loss scaler on older GPUs) where MAE uses fp16 with a loss "
+                 "scaler: bf16 needs no scaler and does not overflow; the prototype layer stays fp32",
     "fine-tuning processes": "fine-tuning runs under torchrun with DDP (finetune.batch_size is the "
-                             "global batch) but without gradient accumulation; the probes share "
-                             "the feature extraction over the processes and train the probe on "
-                             "the gathered features in each (no DDP)",
+                             "global batch, finetune.micro_batch_size the most images per GPU per "
+                             "pass, the rest accumulated); the probes share the feature "
+                             "extraction over the processes and train once, on the device",
     "posterize": "timm's RandAugment posterize at magnitude 10 keeps 0 bits; Pillow 13 refuses "
                  "that, so pemae returns the black image older Pillow gave "
                  "(pemae.data.BlackBelowOneBit)",
@@ -129,6 +127,10 @@ NOT_IN_MAE = {  # where or how fast it runs, bookkeeping, or evaluations MAE doe
     "pretrain.min_steps_per_epoch",  # halves the batch on small data sets only; not on ImageNet
     "pretrain.seed", "pretrain.device", "pretrain.amp", "pretrain.compile", "pretrain.log_every",
     "pretrain.checkpoint_every", "pretrain.resume", "pretrain.overwrite",
+    # MAE ran 64 GPUs x 64 images; the preset takes at most 128 images per GPU per pass and
+    # accumulates the rest of the global batch (8 GPUs: 4 steps, 1 GPU: 32; the same gradient,
+    # no BatchNorm in the model)
+    "pretrain.accum_steps", "pretrain.micro_batch_size", "finetune.micro_batch_size",
     "finetune.seed", "finetune.checkpoint_every",
     "evaluation.batch_size",  # feature extraction
     "evaluation.knn_k", "evaluation.knn_temperature",  # k-NN: DINO's protocol, not in MAE
@@ -177,8 +179,14 @@ def test_the_learning_rates_follow_the_linear_scaling_rule(paper):
     assert math.isclose(peak_lr(paper.pretrain.batch_size, paper.pretrain.base_lr), 2.4e-3)
     assert math.isclose(peak_lr(paper.finetune.batch_size, paper.finetune.base_lr), 2e-3)
     assert math.isclose(evaluate.probe_peak_lr(paper.evaluation, 16384), 6.4)
-    # the global batch is split into processes x accumulation, not changed by it
-    assert paper.pretrain.batch_size % paper.pretrain.accum_steps == 0
+    # the global batch is split into processes x accumulation, not changed by it: the same
+    # recipe on 1, 2, 4 or 8 GPUs
+    from pemae.pretrain import with_accumulation
+
+    for gpus, accum in ((1, 32), (2, 16), (4, 8), (8, 4)):
+        resolved = with_accumulation(paper, gpus).pretrain
+        assert (resolved.batch_size, resolved.accum_steps) == (4096, accum)
+        assert resolved.batch_size // (gpus * resolved.accum_steps) == paper.pretrain.micro_batch_size
 
 
 def test_mae_constants_in_the_code():

@@ -970,3 +970,27 @@ def test_collapse_report_rounds_and_is_unchanged_without_token_targets():
     assert collapse_report(HEALTHY_LABELS, 64) == {"cls_perplexity": 30.0, "cls_collapsed": False,
                                                    "collapsed": False}
     assert collapse_report({"loss": 1.0}, 64) == {}
+
+
+def test_compiled_forward_does_not_recompile_as_the_schedules_move():
+    """τ_t and the momenta enter a compiled forward as tensors (PEMAE.step_scalars): once the step
+    count is dynamic (after step 0), crossing the end of τ_t's warm-up compiles nothing new.
+    (torch.compile's eager backend: the graphs Dynamo captures, without Inductor's compile time.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = build_config("tiny", {"data": {"download": False}, "pretrain": {"device": "cpu"}})
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg, 40, 8).train()  # τ_t warms up over the first 12 steps
+    model.compile(backend="eager")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    imgs = torch.randn(8, 1, 28, 28)
+    torch._dynamo.reset()
+    counters.clear()
+    for step in range(4):
+        train_step(model, optimizer, imgs, CPU, step, monitor=False)
+    graphs = counters["stats"]["unique_graphs"]
+    for step in range(4, 20):  # across the end of the warm-up, at step 12
+        train_step(model, optimizer, imgs, CPU, step, monitor=False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

@@ -89,6 +89,23 @@ def test_two_processes_fine_tune_like_one_with_the_same_global_batch(encoder, tm
     assert len(whole["rng"]) == 1 and len(parts["rng"]) == 2  # every process's RNG states
 
 
+def test_accumulated_micro_batches_fine_tune_like_one_batch(encoder, tmp_path):
+    """finetune.micro_batch_size splits each batch into accumulated micro-batches: the same update
+    (to float rounding) as the whole batch at once, so one recipe runs on any number of GPUs."""
+    whole = finetune(tiny_config(**DETERMINISTIC), encoder, tmp_path / "whole", progress=False)
+    micro = {**DETERMINISTIC, "finetune": {**DETERMINISTIC["finetune"], "micro_batch_size": 16}}
+    parts = finetune(tiny_config(**micro), encoder, tmp_path / "parts", progress=False)  # 4 x 16
+    a, b = read_log(tmp_path / "whole/log.csv"), read_log(tmp_path / "parts/log.csv")
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert abs(parts["test_top1"] - whole["test_top1"]) <= one_image(256)
+    assert_same_weights(*(checkpoint.load(tmp_path / run / "checkpoint.pt")["model"]
+                          for run in ("whole", "parts")), atol=1e-5)
+    with pytest.raises(ConfigError, match="finetune.batch_size = 64 does not split into 1 process"
+                                          r"\(es\) x 3 equal micro-batches"):
+        finetune(tiny_config(finetune={"micro_batch_size": 30}), encoder, tmp_path / "bad",
+                 progress=False)
+
+
 def test_sharded_probes_and_a_resumed_ddp_run_match_one_process(encoder, tmp_path):
     """tests/scale_probe.py under torchrun: sharded features, k-NN, linear and dense probes and
     split accuracy equal one process's exactly; a DDP fine-tuning run stopped mid-epoch and
