@@ -17,7 +17,7 @@ from pemae.mae import MaskedAutoencoder, patch_stats, random_masking  # noqa: E4
 from pemae.model import (COLLAPSED_PERPLEXITY, COLLAPSED_TARGET_RANK,  # noqa: E402
                          COLLAPSED_TARGET_STD)
 from pemae.results import (METRIC_NAMES, READOUT_NAMES, RUN_METRICS, TABLE_COLUMNS,  # noqa: E402
-                           seeds_note, table_cells)
+                           ci_half_width, seeds_note, table_cells)
 from pemae.runtime import read_log  # noqa: E402
 
 
@@ -154,9 +154,20 @@ def _bar_label(row: dict) -> str:
     return label + " (collapsed)" if row.get("collapsed") else label
 
 
+def error_bars_caption(counts: list[int]) -> str:
+    """What the error bars of `grouped_bars` are, and how many seeds the bars rest on."""
+    spread = [n for n in counts if n > 1]
+    seeds = (f"n = {min(counts)} seeds per bar" if min(counts) == max(counts)
+             else f"n = {min(counts)}–{max(counts)} seeds per bar")
+    single = "; no error bar on a single seed" if len(spread) < len(counts) else ""
+    return f"mean over seeds ± 95% CI of the mean (t, n − 1 df); {seeds}{single}"
+
+
 def grouped_bars(summary_rows: list[dict], metrics: list[str],
                  ylabel: str = "top-1 accuracy (%)") -> plt.Figure:
-    """Mean over seeds with a ±1 std error bar: one group per metric, one bar per run and readout.
+    """Mean over seeds with its 95% confidence interval as the error bar (half-width
+    t(0.975, n − 1)·std/√n; none for a single seed): one group per metric, one bar per run and
+    readout; the title says so and how many seeds the bars rest on.
 
     Colour = run, hatch = readout; a run metric (fine-tune) gets one bar per run. Bars of a run
     whose pseudo labels collapsed (any seed) are marked "collapsed" under them.
@@ -165,13 +176,15 @@ def grouped_bars(summary_rows: list[dict], metrics: list[str],
     colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(runs)}
     width = 0.8 / max(len(summary_rows), 1)
     fig, ax = plt.subplots(figsize=(1.5 + 0.35 * len(summary_rows) * len(metrics), 3.8))
-    handles, collapsed_x = {}, []
+    handles, collapsed_x, counts = {}, [], []
     for group, metric in enumerate(metrics):
         chosen = _bar_series(summary_rows, metric)
         for slot, i in enumerate(chosen):
             row = summary_rows[i]
             x = group + (slot - (len(chosen) - 1) / 2) * width
-            bars = ax.bar(x, row[f"{metric}_mean"], width, yerr=row[f"{metric}_std"], capsize=2,
+            counts.append(row[f"{metric}_n"])
+            bars = ax.bar(x, row[f"{metric}_mean"], width, capsize=2,
+                          yerr=ci_half_width(row[f"{metric}_std"], row[f"{metric}_n"]),
                           color=colours[row["run"]], hatch=READOUT_HATCHES.get(row["readout"], ""),
                           edgecolor="white", label=_bar_label(row))
             ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
@@ -184,6 +197,8 @@ def grouped_bars(summary_rows: list[dict], metrics: list[str],
                       fontsize=6, color="red")
         ax.tick_params(axis="x", which="major", pad=40)
     ax.set_ylabel(ylabel)
+    if counts:
+        ax.set_title(error_bars_caption(counts), fontsize=8)
     ordered = [handles[i] for i in sorted(handles)]
     ax.legend(ordered, [h.get_label() for h in ordered], fontsize=7, loc="center left",
               bbox_to_anchor=(1.01, 0.5))

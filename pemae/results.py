@@ -5,16 +5,24 @@ Layout read here (one folder per run and seed):
     results/runs/<run>/seed<s>/evaluate.json           {split: {readout: {knn_top1, linear_top1}}}
     results/runs/<run>/seed<s>/finetune/summary.json   val_top1, test_top1, protocol, ...
     results/runs/<run>/seed<s>/dense.json              {split: {miou, pixel_acc}} (pemae.dense)
+Every `seed<s>` folder found is read (not only params.yaml `seeds`): a seed trained later counts.
 
 Steps: `gather` (one row per run, seed and readout), `summarise` (mean ± sample std over seeds),
 `paired_differences` (run a minus run b, seed by seed), `claim_verdicts` (one paired comparison
-per claim of the paper, judged holds / does not hold / within noise); `write_results` does them
-all for both splits and writes results.md, results_val.md and results.json.
+per claim of the paper); `write_results` does them all for both splits and writes results.md,
+results_val.md and results.json; `write_claims` writes claims.md and claims.json.
+
+One verdict rule serves every paired comparison (`judge`): the 95% confidence interval of the
+mean paired difference from Student's t with n − 1 degrees of freedom. "holds": the whole
+interval is above zero (a beats b, the paper's direction); "reversed": wholly below zero;
+"inconclusive": it contains zero; "too few seeds": n < 2, no interval at all.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -29,7 +37,7 @@ METRIC_NAMES = {"knn_top1": "k-NN", "linear_top1": "linear", "finetune_top1": "f
                 "dense_miou": "dense mIoU", "pretrain_images_per_s": "pretrain img/s"}
 TABLE_COLUMNS = ["run", "features", "k-NN", "linear", "fine-tune", "dense mIoU", "pretrain img/s",
                  "collapsed"]
-PAIRED_COLUMNS = ["a − b", "features", "metric", "difference", "seeds", "verdict"]
+PAIRED_COLUMNS = ["a − b", "features", "metric", "mean ± sd", "95% CI", "seeds", "MDE", "verdict"]
 SPLITS = ("test", "val")  # test: the reported numbers; val: what tuning decisions are read from
 
 
@@ -56,6 +64,14 @@ def run_names(results_dir: str | Path) -> list[str]:
     """The runs that have a folder under results_dir/runs, sorted."""
     runs = Path(results_dir) / "runs"
     return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+
+def seed_numbers(results_dir: str | Path, run: str) -> list[int]:
+    """The seeds s with a folder results_dir/runs/<run>/seed<s>/, in numeric order (every seed
+    trained so far, whatever params.yaml `seeds` says)."""
+    folder = Path(results_dir) / "runs" / run
+    found = [p.name[len("seed"):] for p in folder.glob("seed*") if p.is_dir()] if folder.is_dir() else []
+    return sorted(int(s) for s in found if s.isdigit())
 
 
 def _read_json(path: Path) -> dict:
@@ -101,25 +117,123 @@ def _readout_rank(readout: str | None) -> int:
     return READOUTS.index(readout) if readout in READOUTS else len(READOUTS)
 
 
-def gather(results_dir: str | Path, runs: list[str], seeds: list[int], split: str = "test") -> list[dict]:
-    """One row per (run, seed, readout) on `split`, in the order of `runs`, `seeds`, READOUTS.
+def gather(results_dir: str | Path, runs: list[str], seeds: list[int] | None = None,
+           split: str = "test") -> list[dict]:
+    """One row per (run, seed, readout) on `split`, in the order of `runs`, seeds, READOUTS.
+
+    `seeds` None: every seed folder each run has (`seed_numbers`); a list: only those seeds.
 
     Keys: run, seed, readout, knn_top1, linear_top1, and on every readout row of a run and seed
     finetune_top1 (the fine-tune summary's `<split>_top1`), finetune_protocol, dense_miou,
     pretrain_images_per_s (None when not pretrained), pretrain_final_loss, collapsed.
     A stage that has not run leaves its keys out; a run and seed without any file gives no row.
     """
-    return [row for run in runs for seed in seeds
+    return [row for run in runs for seed in (seed_numbers(results_dir, run) if seeds is None else seeds)
             for row in _seed_rows(RunPaths(results_dir, run, seed), run, seed, split)]
 
 
 # --------------------------------------------------------------------------------------------
 # Statistics over seeds
 # --------------------------------------------------------------------------------------------
+CONFIDENCE = 0.95     # two-sided: the interval every verdict is read from
+POWER = 0.80          # of the minimum detectable effect
+STOP_HALF_WIDTH = 0.5  # points: the stopping rule for adding seeds (CLS linear and fine-tune) ...
+STOP_SEEDS = 10        # ... or this many seeds, whichever comes first
+HOLDS, REVERSED, INCONCLUSIVE, NO_VERDICT, NOT_RUN = (
+    "holds", "reversed", "inconclusive", "too few seeds", "not run")
+DECIDED = (HOLDS, REVERSED)
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(p: float, df: int) -> float:
+    """The p quantile of Student's t with `df` degrees of freedom (scipy.stats when installed;
+    scikit-learn, in the `pipeline` extra, brings it)."""
+    try:
+        from scipy import stats
+    except ImportError:  # the core install has no scipy
+        return _t_quantile_fallback(p, df)
+    return float(stats.t.ppf(p, df))
+
+
+def _t_pdf(x: float, df: int) -> float:
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def _t_cdf(x: float, df: int, intervals: int = 2000) -> float:
+    """P(T <= x) for x >= 0: one half plus Simpson's rule on the density over [0, x]."""
+    h = x / intervals
+    inner = sum((4 if i % 2 else 2) * _t_pdf(i * h, df) for i in range(1, intervals))
+    return 0.5 + h / 3 * (_t_pdf(0.0, df) + inner + _t_pdf(x, df))
+
+
+def _t_quantile_fallback(p: float, df: int) -> float:
+    """Without scipy: bisection on the integrated density (df <= 30), the Cornish-Fisher
+    expansion around the normal quantile above (error < 1e-4 there)."""
+    if p < 0.5:
+        return -_t_quantile_fallback(1 - p, df)
+    if df > 30:
+        z = statistics.NormalDist().inv_cdf(p)
+        return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+                + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    low, high = 0.0, 1.0
+    while _t_cdf(high, df) < p:
+        high *= 2
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
+
+
+def judge(mean: float, sd: float | None, n: int) -> dict:
+    """The verdict rule, from the mean, sample sd and number n of the paired differences a − b
+    (the paper: a beats b). Returns mean, sd, n and
+
+    ci_low, ci_high: mean ∓ t(0.975, n − 1)·sd/√n, the 95% confidence interval;
+    half_width:      t(0.975, n − 1)·sd/√n;
+    mde:             (t(0.975, n − 1) + t(0.80, n − 1))·sd/√n, the smallest true difference these
+                     seeds detect with 80% power at two-sided 5%;
+    verdict:         "holds" (ci_low > 0), "reversed" (ci_high < 0), "inconclusive" (the interval
+                     contains zero) or "too few seeds" (n < 2: no spread, no interval; the others
+                     are then None).
+    """
+    if n < 2 or sd is None:
+        return {"mean": mean, "sd": None, "n": n, "ci_low": None, "ci_high": None,
+                "half_width": None, "mde": None, "verdict": NO_VERDICT}
+    se = sd / math.sqrt(n)
+    t_ci = t_quantile(1 - (1 - CONFIDENCE) / 2, n - 1)
+    half = t_ci * se
+    low, high = mean - half, mean + half
+    verdict = HOLDS if low > 0 else REVERSED if high < 0 else INCONCLUSIVE
+    return {"mean": mean, "sd": sd, "n": n, "ci_low": low, "ci_high": high, "half_width": half,
+            "mde": (t_ci + t_quantile(POWER, n - 1)) * se, "verdict": verdict}
+
+
+def judge_differences(differences: list[float]) -> dict:
+    """`judge` on paired differences a − b (one per seed)."""
+    n = len(differences)
+    return judge(statistics.fmean(differences), statistics.stdev(differences) if n > 1 else None, n)
+
+
+def ci_half_width(sd: float, n: int) -> float | None:
+    """Half the 95% t interval of a mean over n seeds (None for a single seed)."""
+    return t_quantile(1 - (1 - CONFIDENCE) / 2, n - 1) * sd / math.sqrt(n) if n > 1 else None
+
+
+def seeds_needed(sd: float | None, half_width: float = STOP_HALF_WIDTH, most: int = 1000) -> int | None:
+    """The smallest n with t(0.975, n − 1)·sd/√n <= half_width, estimated from the current sd
+    (None without one; `most` + 1 when even `most` seeds are not enough)."""
+    if sd is None:
+        return None
+    return next((n for n in range(2, most + 1) if ci_half_width(sd, n) <= half_width), most + 1)
+
+
 def mean_std(values: list[float]) -> dict:
-    """Mean, sample standard deviation (ddof 1; 0.0 for a single value) and count."""
+    """Mean, sample standard deviation (ddof 1; 0.0 for a single value), count, and the half-width
+    of the mean's 95% t interval (ci95; None for a single value)."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values),
+            "ci95": ci_half_width(std, len(values))}
 
 
 def _values(rows: list[dict], metric: str) -> list[float]:
@@ -205,21 +319,13 @@ def _matched_readouts(rows: list[dict], a: str, b: str) -> list[tuple[str, str]]
     return []
 
 
-def _verdict(a: str, b: str, diff: dict, noise: float) -> str:
-    if diff["n"] < 2 or abs(diff["mean"]) <= noise:
-        return "within noise"
-    return f"{a} better" if diff["mean"] > 0 else f"{b} better"
-
-
 def _paired_row(a: str, b: str, readout_a: str | None, readout_b: str | None, metric: str,
                 values_a: dict[int, float], values_b: dict[int, float]) -> dict | None:
     seeds = sorted(set(values_a) & set(values_b))
     if not seeds:
         return None
-    diff = mean_std([values_a[s] - values_b[s] for s in seeds])
-    noise = max(mean_std(list(values_a.values()))["std"], mean_std(list(values_b.values()))["std"])
     return {"a": a, "b": b, "readout_a": readout_a, "readout_b": readout_b, "metric": metric,
-            "seeds": seeds, **diff, "noise": noise, "verdict": _verdict(a, b, diff, noise)}
+            "seeds": seeds, **judge_differences([values_a[s] - values_b[s] for s in seeds])}
 
 
 def paired_differences(rows: list[dict], pairs: list[list[str]],
@@ -228,12 +334,10 @@ def paired_differences(rows: list[dict], pairs: list[list[str]],
 
     Probe metrics are compared per readout both runs have (against the raw-pixel baseline, whose
     only readout is `pixels`, each readout of the other run); run metrics (fine-tune top-1) once
-    per pair, with readouts None. Each row: a, b, readout_a, readout_b, metric, seeds, mean, std
-    (sample, ddof 1), n, noise and verdict.
-
-    Verdict rule: "within noise" when n < 2 or |mean difference| <= noise, where noise is the
-    larger of the two runs' own seed-to-seed standard deviations of that metric (over all their
-    seeds, as in the summary table); otherwise "<a> better" or "<b> better" by the sign.
+    per pair, with readouts None. Each row: a, b, readout_a, readout_b, metric, seeds and what
+    `judge` gives for the differences a − b: mean, sd (sample, ddof 1), n, ci_low, ci_high,
+    half_width, mde and verdict ("holds": a better, the whole 95% interval above zero;
+    "reversed": b better; "inconclusive"; "too few seeds").
     """
     out = []
     for a, b in pairs:
@@ -252,53 +356,160 @@ def paired_differences(rows: list[dict], pairs: list[list[str]],
 # --------------------------------------------------------------------------------------------
 CLAIM_METRICS = (("cls", "knn_top1"), ("cls", "linear_top1"), (None, "finetune_top1"),
                  (None, "dense_miou"))
-CLAIM_COLUMNS = ["claim", "a − b", "k-NN (CLS)", "linear (CLS)", "fine-tune", "dense mIoU"]
+CLAIM_COLUMNS = ["claim", "a − b", "k-NN (CLS)", "linear (CLS)", "fine-tune", "dense mIoU",
+                 "seeds enough?"]
+CLAIM_CELLS = {f"{readout}/{metric}": column for (readout, metric), column
+               in zip(CLAIM_METRICS, CLAIM_COLUMNS[2:])}  # claims.json key: its column in claims.md
+STOPPING_CELLS = ("cls/linear_top1", "None/finetune_top1")  # the stopping rule for adding seeds
+CELL_KEYS = ("mean", "sd", "n", "seeds", "ci_low", "ci_high", "half_width", "mde", "verdict")
 
 
-def claim_verdict(diff: dict | None) -> str:
-    """The paper says a beats b: "holds" (a better beyond noise), "does not hold" (b better
-    beyond noise), "within noise", or "not run" (no seed has both runs)."""
+def claim_cell(diff: dict | None) -> dict:
+    """One claim and metric: `judge`'s figures and verdict on the paired differences a − b, and
+    seeds_needed (for a 95% half-width of STOP_HALF_WIDTH points, from the current sd); only
+    {"verdict": "not run"} when no seed has both runs."""
     if diff is None:
-        return "not run"
-    if diff["verdict"] == "within noise":
-        return "within noise"
-    return "holds" if diff["mean"] > 0 else "does not hold"
+        return {"verdict": NOT_RUN}
+    return {**{k: diff[k] for k in CELL_KEYS}, "seeds_needed": seeds_needed(diff["sd"])}
+
+
+def seeds_enough(cell: dict) -> bool | None:
+    """The stopping rule for adding seeds: a 95% half-width <= STOP_HALF_WIDTH points, or
+    STOP_SEEDS seeds (None: not run; a single seed, without a half-width, is not enough)."""
+    if cell["verdict"] == NOT_RUN:
+        return None
+    return cell["n"] >= STOP_SEEDS or (cell["half_width"] is not None
+                                       and cell["half_width"] <= STOP_HALF_WIDTH)
 
 
 def claim_verdicts(rows: list[dict], claims: dict[str, list[str]]) -> list[dict]:
     """For each claim {text: [a, b]} (the paper: a beats b), the paired difference a − b and its
-    verdict on each of CLAIM_METRICS (same rule as `paired_differences`).
+    verdict on each of CLAIM_METRICS (`judge`, the rule of `paired_differences`).
 
-    Each row: claim, a, b, and per metric "<readout>/<metric>": {mean, std, n, verdict} or
-    {verdict: "not run"}.
+    Each row: claim, a, b, per metric "<readout>/<metric>": `claim_cell` ({mean, sd, n, seeds,
+    ci_low, ci_high, half_width, mde, verdict, seeds_needed} or {verdict: "not run"}), and
+    seeds_enough: the stopping rule met on both STOPPING_CELLS (None while one is not run).
     """
     out = []
     for claim, (a, b) in claims.items():
         diffs = {(d["readout_a"], d["metric"]): d for d in paired_differences(rows, [[a, b]])}
         row = {"claim": claim, "a": a, "b": b}
         for readout, metric in CLAIM_METRICS:
-            diff = diffs.get((readout, metric))
-            found = {} if diff is None else {k: diff[k] for k in ("mean", "std", "n")}
-            row[f"{readout}/{metric}"] = {**found, "verdict": claim_verdict(diff)}
+            row[f"{readout}/{metric}"] = claim_cell(diffs.get((readout, metric)))
+        enough = [seeds_enough(row[key]) for key in STOPPING_CELLS]
+        row["seeds_enough"] = None if None in enough else all(enough)
         out.append(row)
     return out
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def _ci_text(cell: dict) -> str:
+    return f"[{_signed(cell['ci_low'])}, {_signed(cell['ci_high'])}]"
+
+
+def claim_cell_text(cell: dict) -> str:
+    """A claims.md cell in words: mean (sd, n), the 95% interval and the verdict; an inconclusive
+    cell adds the smallest difference its seeds could detect (the MDE)."""
+    verdict = cell["verdict"]
+    if verdict == NOT_RUN:
+        return NOT_RUN
+    if verdict == NO_VERDICT:
+        return f"{_signed(cell['mean'])} (n {cell['n']}): no verdict, {NO_VERDICT}"
+    text = f"{_signed(cell['mean'])} (sd {cell['sd']:.2f}, n {cell['n']}), CI {_ci_text(cell)}: "
+    if verdict == INCONCLUSIVE:
+        return text + f"inconclusive, could detect ≥ {cell['mde']:.2f} points"
+    return text + f"**{verdict}**"
+
+
+def _stopping_text(row: dict) -> str:
+    names = {"cls/linear_top1": "linear", "None/finetune_top1": "fine-tune"}
+    cells = {names[key]: row[key] for key in STOPPING_CELLS}
+    if any(cell["verdict"] == NOT_RUN for cell in cells.values()):
+        return NOT_RUN
+    if row["seeds_enough"]:
+        return "yes"
+    short = [f"{name} ± {cell['half_width']:.2f}, ~{cell['seeds_needed']} seeds" if cell["half_width"] is not None
+             else f"{name}: one seed" for name, cell in cells.items() if not seeds_enough(cell)]
+    return "no (" + "; ".join(short) + ")"
 
 
 def claims_markdown(claim_rows: list[dict]) -> str:
     """The verdict per claim and metric as a markdown table, with the rule under it."""
     cells = []
     for row in claim_rows:
-        cell = {"claim": row["claim"], "a − b": f"{row['a']} − {row['b']}"}
-        for (readout, metric), column in zip(CLAIM_METRICS, CLAIM_COLUMNS[2:]):
-            found = row[f"{readout}/{metric}"]
-            cell[column] = (found["verdict"] if "mean" not in found else
-                            f"{found['mean']:+.2f} ± {found['std']:.2f} ({found['n']}): {found['verdict']}")
+        cell = {"claim": row["claim"], "a − b": f"{row['a']} − {row['b']}",
+                "seeds enough?": _stopping_text(row)}
+        for key, column in CLAIM_CELLS.items():
+            cell[column] = claim_cell_text(row[key])
         cells.append(cell)
-    rule = ("The paper's direction is a > b. Per-seed differences a − b (mean ± sample std, seeds); "
-            "holds / does not hold: a / b better by more than the larger of the two runs' seed std; "
-            "otherwise within noise. Not run: a run of the claim has no results yet (the ablation "
-            "runs of params.yaml `ablations:` are trained by study/dvc.yaml:ablation).")
+    rule = (
+        "The paper's direction is a > b. Each cell: the mean of the per-seed differences a − b "
+        "(sample sd, n seeds: every seed trained for both runs) and its 95% confidence interval, "
+        "mean ± t(0.975, n − 1)·sd/√n. **holds**: the whole interval is above zero; **reversed**: "
+        "wholly below zero (b beats a); inconclusive: it contains zero, and the cell gives the "
+        "minimum detectable effect, (t(0.975, n − 1) + t(0.80, n − 1))·sd/√n, the smallest true "
+        "difference these seeds would find with 80% power; too few seeds: n < 2. Not run: a run of "
+        "the claim has no results yet (the ablation runs of params.yaml `ablations:` are trained by "
+        f"study/dvc.yaml:ablation). Seeds enough?: the stopping rule for adding seeds, a 95% "
+        f"half-width ≤ {STOP_HALF_WIDTH} points on both CLS linear and fine-tune, or {STOP_SEEDS} "
+        "seeds; otherwise the half-width now and the seeds the current sd says it needs.")
     return markdown_table(cells, CLAIM_COLUMNS, fmt=str) + "\n" + rule + "\n"
+
+
+def decided_comparisons(claims_json: dict | str | Path, split: str = "test") -> dict[tuple[str, str], str]:
+    """{(claim, cell key): verdict} for every claim and metric of a claims.json (a path or its
+    loaded dict) that the rule decided ("holds" or "reversed") on `split`; a cell missing here is
+    inconclusive, too few seeds or not run, and no text may call it decided. Cell keys are
+    claims.json's ("cls/knn_top1", "cls/linear_top1", "None/finetune_top1", "None/dense_miou";
+    CLAIM_CELLS names their columns)."""
+    if not isinstance(claims_json, dict):
+        claims_json = json.loads(Path(claims_json).read_text())
+    return {(row["claim"], key): row[key]["verdict"] for row in claims_json[split].values()
+            for key in CLAIM_CELLS if row[key]["verdict"] in DECIDED}
+
+
+README_BEGIN, README_END = "<!-- claims: begin (python -m pemae.results --readme) -->", "<!-- claims: end -->"
+
+
+def readme_claims(claims_json: dict | str | Path, split: str = "test") -> str:
+    """The README's summary of the claims, in the table's words: each decided cell with its mean
+    and interval, then per claim the inconclusive cells with the smallest effect their seeds could
+    detect, and what is not run. Generated, so that the README never says more than claims.json."""
+    if not isinstance(claims_json, dict):
+        claims_json = json.loads(Path(claims_json).read_text())
+    decided, undecided = [], []
+    for row in claims_json[split].values():
+        open_cells, not_run = [], []
+        for key, column in CLAIM_CELLS.items():
+            cell = row[key]
+            if cell["verdict"] in DECIDED:
+                decided.append(f'- **Decided:** "{row["claim"]}" on {column}: **{cell["verdict"]}**, '
+                               f"{_signed(cell['mean'])} points (95% CI {_ci_text(cell)}, "
+                               f"{cell['n']} seeds).")
+            elif cell["verdict"] == INCONCLUSIVE:
+                open_cells.append(f"{column} ≥ {cell['mde']:.2f} (n {cell['n']})")
+            else:
+                not_run.append(f"{column} {cell['verdict']}")
+        if open_cells or not_run:
+            undecided.append(f'  - "{row["claim"]}": ' + ", ".join(open_cells + not_run))
+    lines = decided or ["- **Decided:** none."]
+    if undecided:
+        lines += ["- **Inconclusive** (the 95% CI contains 0), with the smallest difference these "
+                  "seeds could detect:", *undecided]
+    return "\n".join([README_BEGIN, *lines, README_END])
+
+
+def update_readme(readme: str | Path = "README.md", claims: str | Path = "results/claims.json") -> bool:
+    """Rewrite the README's claims block from claims.json; True when it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    new = text[:start] + readme_claims(claims) + text[end:]
+    path.write_text(new)
+    return new != text
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,15 +522,24 @@ def format_cell(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def mean_std_cell(row: dict, metric: str) -> str:
-    """`mean ± std` with two decimals, or a dash when no seed has the metric."""
+def mean_std_cell(row: dict, metric: str, usual_n: int | None = None) -> str:
+    """`mean ± std` with two decimals, or a dash when no seed has the metric; followed by
+    "(n k)" when its number of seeds k is not `usual_n` (the table's; see `seeds_note`)."""
     if f"{metric}_mean" not in row:
         return "–"
-    return f"{row[f'{metric}_mean']:.2f} ± {row[f'{metric}_std']:.2f}"
+    cell = f"{row[f'{metric}_mean']:.2f} ± {row[f'{metric}_std']:.2f}"
+    n = row.get(f"{metric}_n")
+    return cell if usual_n is None or n == usual_n else f"{cell} (n {n})"
 
 
-def _finetune_cell(row: dict) -> str:
-    cell = mean_std_cell(row, "finetune_top1")
+def usual_seed_count(summary_rows: list[dict]) -> int | None:
+    """The most common number of seeds behind a figure of the table (None: no figure)."""
+    counts = [row[f"{m}_n"] for row in summary_rows for m in TABLE_METRICS if f"{m}_n" in row]
+    return max(sorted(set(counts)), key=counts.count) if counts else None
+
+
+def _finetune_cell(row: dict, usual_n: int | None = None) -> str:
+    cell = mean_std_cell(row, "finetune_top1", usual_n)
     scratch = row.get("finetune_protocol", "").startswith("from scratch")
     return cell + " (scratch)" if scratch and cell != "–" else cell
 
@@ -335,28 +555,33 @@ def _collapsed_cell(row: dict) -> str:
 def table_cells(summary_rows: list[dict]) -> list[dict]:
     """The long results table as text cells keyed by TABLE_COLUMNS, one row per run and readout.
 
-    The per-run cells (fine-tune, pretrain img/s, collapsed) are on each run's first row only.
+    The per-run cells (fine-tune, pretrain img/s, collapsed) are on each run's first row only. A
+    figure over a number of seeds other than the table's usual one says "(n k)".
     """
-    cells, seen = [], set()
+    cells, seen, n = [], set(), usual_seed_count(summary_rows)
     for row in summary_rows:
         first = row["run"] not in seen
         seen.add(row["run"])
         cells.append({"run": row["run"], "features": READOUT_NAMES.get(row["readout"], format_cell(row["readout"])),
-                      "k-NN": mean_std_cell(row, "knn_top1"), "linear": mean_std_cell(row, "linear_top1"),
-                      "fine-tune": _finetune_cell(row) if first else "",
-                      "dense mIoU": mean_std_cell(row, "dense_miou") if first else "",
-                      "pretrain img/s": mean_std_cell(row, "pretrain_images_per_s") if first else "",
+                      "k-NN": mean_std_cell(row, "knn_top1", n), "linear": mean_std_cell(row, "linear_top1", n),
+                      "fine-tune": _finetune_cell(row, n) if first else "",
+                      "dense mIoU": mean_std_cell(row, "dense_miou", n) if first else "",
+                      "pretrain img/s": mean_std_cell(row, "pretrain_images_per_s", n) if first else "",
                       "collapsed": _collapsed_cell(row) if first else ""})
     return cells
 
 
 def seeds_note(summary_rows: list[dict]) -> str:
-    """The line under the table: how many seeds each mean is over."""
-    counts = {row["run"]: len(row["seeds"]) for row in summary_rows}
-    if len(set(counts.values())) == 1:
-        return f"Mean ± sample std over n = {next(iter(counts.values()))} seeds; top-1 accuracy in %."
-    per_run = ", ".join(f"{run} {n}" for run, n in counts.items())
-    return f"Mean ± sample std over seeds (n per run: {per_run}); top-1 accuracy in %."
+    """The line under the table: how many seeds each figure rests on (every seed trained)."""
+    n = usual_seed_count(summary_rows)
+    counts = {row[f"{m}_n"] for row in summary_rows for m in TABLE_METRICS if f"{m}_n" in row}
+    if n is None:
+        return "No figures yet."
+    if len(counts) == 1:
+        return (f"Mean ± sample std over every seed trained: n = {n} seeds for every figure; "
+                "top-1 accuracy in %.")
+    return (f"Mean ± sample std over every seed trained: n = {n} seeds per figure unless the cell "
+            "says (n k); top-1 accuracy in %.")
 
 
 def markdown_table(rows: list[dict], columns: list[str], fmt=format_cell) -> str:
@@ -378,24 +603,36 @@ def _features(row: dict) -> str:
     return name_a if name_a == name_b else f"{name_a} vs {name_b}"
 
 
+def paired_verdict_text(row: dict) -> str:
+    """A paired row's verdict in words: "<a> better" (holds), "<b> better" (reversed),
+    "inconclusive" or "too few seeds"."""
+    return {HOLDS: f"{row['a']} better", REVERSED: f"{row['b']} better"}.get(row["verdict"], row["verdict"])
+
+
 def paired_markdown(diff_rows: list[dict]) -> str:
     """The paired differences as a markdown table, with the verdict rule under it."""
     cells = [{"a − b": f"{r['a']} − {r['b']}", "features": _features(r),
               "metric": METRIC_NAMES.get(r["metric"], r["metric"]),
-              "difference": f"{r['mean']:+.2f} ± {r['std']:.2f}", "seeds": str(r["n"]), "verdict": r["verdict"]}
+              "mean ± sd": _signed(r["mean"]) + ("" if r["sd"] is None else f" ± {r['sd']:.2f}"),
+              "95% CI": "–" if r["ci_low"] is None else _ci_text(r), "seeds": str(r["n"]),
+              "MDE": "–" if r["mde"] is None else f"{r['mde']:.2f}", "verdict": paired_verdict_text(r)}
              for r in diff_rows]
-    rule = ("Per-seed differences on the seeds both runs have (mean ± sample std). Within noise: "
-            "fewer than 2 seeds, or |mean| no larger than the larger of the two runs' seed std.")
+    rule = ("Per-seed differences a − b on every seed both runs have (mean ± sample sd, n seeds) and "
+            "their 95% confidence interval, mean ± t(0.975, n − 1)·sd/√n. A run is better only when "
+            "the whole interval is on its side of zero; inconclusive when it contains zero; too few "
+            "seeds below 2. MDE: the smallest true difference these seeds detect with 80% power, "
+            "(t(0.975, n − 1) + t(0.80, n − 1))·sd/√n.")
     return markdown_table(cells, PAIRED_COLUMNS, fmt=str) + "\n" + rule + "\n"
 
 
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-def split_results(results_dir: str | Path, runs: list[str], seeds: list[int], pairs: list[list[str]],
-                  split: str, claims: dict[str, list[str]] | None = None) -> dict[str, list[dict]]:
+def split_results(results_dir: str | Path, runs: list[str], seeds: list[int] | None,
+                  pairs: list[list[str]], split: str, claims: dict[str, list[str]] | None = None
+                  ) -> dict[str, list[dict]]:
     """{"seeds": per-seed rows, "summary": mean ± std rows, "paired": paired differences,
-    "claims": verdicts per claim} on `split`."""
+    "claims": verdicts per claim} on `split`; `seeds` None: every seed trained."""
     rows = gather(results_dir, runs, seeds, split)
     return {"seeds": rows, "summary": summarise(rows), "paired": paired_differences(rows, pairs),
             "claims": claim_verdicts(rows, claims or {})}
@@ -418,9 +655,11 @@ def report_markdown(results: dict[str, list[dict]], split: str) -> str:
             + f"\n## Paired differences ({split} split)\n\n" + paired_markdown(results["paired"]))
 
 
-def write_results(results_dir: str | Path, runs: list[str], seeds: list[int], pairs: list[list[str]],
-                  claims: dict[str, list[str]] | None = None) -> dict[str, dict[str, list[dict]]]:
-    """Write results.md (test split), results_val.md (validation split) and results.json.
+def write_results(results_dir: str | Path, runs: list[str], pairs: list[list[str]],
+                  claims: dict[str, list[str]] | None = None, seeds: list[int] | None = None
+                  ) -> dict[str, dict[str, list[dict]]]:
+    """Write results.md (test split), results_val.md (validation split) and results.json, over
+    every seed each run has trained (`seeds`: only those, if given).
 
     `claims` {text: [a, b]}: the paper's claims, each judged a − b (the caller passes those whose
     runs are among `runs`, as for `pairs`). Returns {split: {"seeds", "summary", "paired",
@@ -435,19 +674,31 @@ def write_results(results_dir: str | Path, runs: list[str], seeds: list[int], pa
     return results
 
 
-def write_claims(out_dir: str | Path, results_dirs: list[str | Path], seeds: list[int],
-                 claims: dict[str, list[str]]) -> dict[str, list[dict]]:
-    """Judge every claim on the runs found under any of `results_dirs` (the pipeline's runs, the
-    ablation runs of study/dvc.yaml; a run found in an earlier folder wins) and write claims.md
-    (both splits) and claims.json into `out_dir`. Returns {split: claim rows}."""
-    found: dict[str, Path] = {}
-    for folder in results_dirs:
-        for run in run_names(folder):
-            found.setdefault(run, Path(folder))
-    verdicts = {}
-    for split in SPLITS:
-        rows = [row for run, folder in found.items() for row in gather(folder, [run], seeds, split)]
-        verdicts[split] = claim_verdicts(rows, claims)
+def gather_folders(results_dirs: list[str | Path], split: str = "test") -> list[dict]:
+    """`gather` over several results folders (the pipeline's, the extra seeds', the ablations'):
+    every run found in any of them with every seed it has in any of them (a seed in two folders:
+    the earlier folder's), in the order the runs are first found."""
+    rows, taken = [], set()
+    runs = list(dict.fromkeys(run for folder in results_dirs for run in run_names(folder)))
+    for run in runs:
+        for folder in results_dirs:
+            seeds = [s for s in seed_numbers(folder, run) if (run, s) not in taken]
+            taken.update((run, s) for s in seeds)
+            rows += gather(folder, [run], seeds, split)
+    return sorted(rows, key=lambda r: (runs.index(r["run"]), r["seed"], _readout_rank(r["readout"])))
+
+
+def judge_claims(results_dirs: list[str | Path], claims: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """{split: `claim_verdicts` rows} on every seed of every run trained under any of
+    `results_dirs` (`gather_folders`)."""
+    return {split: claim_verdicts(gather_folders(results_dirs, split), claims) for split in SPLITS}
+
+
+def write_claims(out_dir: str | Path, results_dirs: list[str | Path], claims: dict[str, list[str]]
+                 ) -> dict[str, list[dict]]:
+    """`judge_claims` and write claims.md (both splits) and claims.json into `out_dir`.
+    Returns {split: claim rows}."""
+    verdicts = judge_claims(results_dirs, claims)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "claims.md").write_text("".join(
@@ -456,3 +707,11 @@ def write_claims(out_dir: str | Path, results_dirs: list[str | Path], seeds: lis
     keyed = {split: {f"{r['a']}-{r['b']}": r for r in rows} for split, rows in verdicts.items()}
     (out_dir / "claims.json").write_text(json.dumps(keyed, indent=2) + "\n")
     return verdicts
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--readme"]:
+        raise SystemExit("usage: python -m pemae.results --readme   (rewrite README.md's claims block)")
+    print("README.md " + ("updated" if update_readme() else "already matches results/claims.json"))

@@ -7,8 +7,11 @@ go through exactly the code path a user's own image folder takes: any size (`dat
 resamples them), grayscale, a few hundred images per class.
 
 The check (`check_not_worse_than_random`, over `small_data.seeds`): no pretrained run's k-NN,
-linear-probe or fine-tuning accuracy may fall below the randomly initialised encoder's by more
-than the seed-to-seed noise (paired, seed by seed; with a single seed, by anything).
+linear-probe or fine-tuning accuracy may fall below the randomly initialised encoder's, by the
+verdict rule of the claims (`pemae.results.judge`): paired seed by seed, a figure fails only when
+the 95% confidence interval of its difference to the random encoder lies wholly below zero
+("reversed"). With a single seed there is no interval and so no verdict: such a figure is
+reported as undecided (`undecided_against_random`), never as a failure, whatever its sign.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pemae.results import keyed_rows, report_markdown, split_results
+from pemae.results import NO_VERDICT, REVERSED, keyed_rows, report_markdown, split_results
 
 DIGIT_LEVELS = 16  # the digits' pixels are counts 0..16 of a 4 x 4 block of a 32 x 32 bitmap
 
@@ -64,14 +67,20 @@ def check_not_worse_than_random(paired_rows: list[dict]) -> list[str]:
     """The paired differences (`pemae.results.paired_differences`, pretrained run − random
     encoder, seed by seed) where pretraining made a figure worse: [] = passed.
 
-    With two seeds or more, worse is the claims' rule: a negative mean difference larger than the
-    larger of the two runs' seed-to-seed standard deviations (a smaller one is noise). With one
-    seed there is no spread to judge by, so any drop counts.
+    Worse is the claims' rule: the verdict "reversed", the whole 95% t interval of the mean
+    difference below zero. An interval that contains zero is inconclusive, not a failure; a
+    single seed gives no verdict (see `undecided_against_random`).
     """
-    return [f"{row['a']}: {_figure(row)} {row['mean']:+.2f} ± {row['std']:.2f} against "
-            f"{row['b']} over {row['n']} seed(s) (noise {row['noise']:.2f})"
-            for row in paired_rows
-            if row["mean"] < 0 and (row["n"] < 2 or -row["mean"] > row["noise"])]
+    return [f"{row['a']}: {_figure(row)} {row['mean']:+.2f} ± {row['sd']:.2f} against {row['b']} "
+            f"over {row['n']} seeds, 95% CI [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+            for row in paired_rows if row["verdict"] == REVERSED]
+
+
+def undecided_against_random(paired_rows: list[dict]) -> list[str]:
+    """The paired differences with too few seeds (one) for any verdict: neither passed nor
+    failed, whatever the sign of the difference."""
+    return [f"{row['a']}: {_figure(row)} {row['mean']:+.2f} against {row['b']} over {row['n']} seed: "
+            "no verdict" for row in paired_rows if row["verdict"] == NO_VERDICT]
 
 
 def _figure(row: dict) -> str:
@@ -83,7 +92,7 @@ def write_check(out_dir: str | Path, runs: list[str], seeds: list[int], baseline
                 ) -> dict:
     """Judge every run under `out_dir/runs/<run>/seed<seed>/` against `baseline` on the validation
     and test splits; write summary.json (mean ± std per run and readout, the paired differences,
-    the failures) and results.md. Returns the summary."""
+    the failures, the figures undecided for want of seeds) and results.md. Returns the summary."""
     out_dir = Path(out_dir)
     pairs = [[run, baseline] for run in runs if run != baseline]
     results = {split: split_results(out_dir, runs, seeds, pairs, split) for split in ("val", "test")}
@@ -91,10 +100,18 @@ def write_check(out_dir: str | Path, runs: list[str], seeds: list[int], baseline
                 for line in check_not_worse_than_random(parts["paired"])]
     summary = {split: keyed_rows({part: parts[part] for part in ("summary", "paired")})
                for split, parts in results.items()}
+    undecided = [f"{split}: {line}" for split, parts in results.items()
+                 for line in undecided_against_random(parts["paired"])]
     summary["failures"] = failures
+    summary["undecided"] = undecided
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    verdict = "\n".join(f"- {line}" for line in failures) or (
-        "- every pretrained run is at or above the random encoder (beyond noise)")
+    lines = [f"- below the random encoder (95% CI wholly below zero): {line}" for line in failures]
+    if not failures:
+        lines.append("- no pretrained figure is decided below the random encoder (no 95% CI of a "
+                     "paired difference wholly below zero)"
+                     + (f"; {len(undecided)} undecided, for want of a second seed" if undecided else ""))
+    lines += [f"- undecided (a single seed: no interval, no verdict): {line}" for line in undecided]
+    verdict = "\n".join(lines)
     (out_dir / "results.md").write_text(
         "## Pretrained runs against the random encoder\n\n" + verdict + "\n\n"
         + report_markdown(results["test"], "test") + "\n" + report_markdown(results["val"], "validation"))

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COPIED = ["dvc.yaml", "study/dvc.yaml", "notebooks", "pemae", ".dvc/config", ".dvcignore"]
 SEEDS = [0, 1]
+EXTRA_SEEDS = [2]  # trained by study/dvc.yaml:extra_seed, into results/extra_seeds
 
 
 def run(cmd: list[str], cwd: Path) -> str:
@@ -54,7 +55,7 @@ def repo(tmp_path_factory) -> Path:
     default = yaml.safe_load((ROOT / "params.yaml").read_text())
     small_data = {"runs": default["small_data"]["runs"], "img_size": 16, "pretrain_epochs": 1,
                   "finetune_epochs": 1, "seeds": [0], "enforce": False}
-    params = {"preset": "tiny", "seeds": SEEDS, **build_config("tiny").to_dict(),
+    params = {"preset": "tiny", "seeds": SEEDS, "extra_seeds": EXTRA_SEEDS, **build_config("tiny").to_dict(),
               "runs": default["runs"], "comparisons": default["comparisons"], "claims": default["claims"],
               "ablations": default["ablations"], "small_data": small_data}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -122,10 +123,15 @@ def test_an_ablation_run_and_the_claims_table_run_from_the_study_pipeline(repo):
     saved = yaml.safe_load((run_dir / "pretrain" / "config.yaml").read_text())
     assert saved["method"]["teachers"] == "single" and saved["method"]["lambda_cls"] == 0.0
     assert (run_dir / "evaluate.json").is_file() and (run_dir / "finetune" / "summary.json").is_file()
+    extra = [f"study/dvc.yaml:extra_seed@{r}-{EXTRA_SEEDS[0]}" for r in ("mae", "pemae")]
+    for stage in extra:  # one more seed of a claim's two runs, one stage each
+        assert stages_run(run(["dvc", "repro", "--single-item", stage], repo)) == {stage}
+    seed_dir = repo / "results" / "extra_seeds" / "runs" / "pemae" / f"seed{EXTRA_SEEDS[0]}"
+    assert all((seed_dir / f).is_file() for f in ("evaluate.json", "finetune/summary.json", "dense.json"))
     out = run(["dvc", "repro", "--single-item", "study/dvc.yaml:claims"], repo)  # no upstream ablations
     assert stages_run(out) == {"study/dvc.yaml:claims"}
     claims = json.loads((repo / "results" / "claims.json").read_text())["test"]
-    assert claims["pemae-mae"]["cls/knn_top1"]["n"] == len(SEEDS)  # the pipeline's runs
+    assert claims["pemae-mae"]["cls/knn_top1"]["n"] == len(SEEDS) + 1  # every seed trained
     assert claims["token_recon-mae"]["cls/knn_top1"]["n"] == 1  # the one ablation seed trained
     assert claims["pemae-single_teacher"]["cls/knn_top1"] == {"verdict": "not run"}
     assert stages_run(run(["dvc", "repro"], repo)) == set()  # the main pipeline is untouched
@@ -138,7 +144,7 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 
 def test_a_pushed_pipeline_pulls_into_a_fresh_clone_up_to_date(repo, tmp_path):
-    """The README's "Sharing trained runs": a DVC remote (a local folder here) set in the repository
+    """docs/sharing.md's "Sharing trained runs": a DVC remote (a local folder here) set in the repository
     that ran the pipeline, `dvc push`; then `git clone` and `dvc pull` elsewhere give a clone that
     is up to date, the same files, and an encoder that loads into timm."""
     run(["dvc", "repro"], repo)  # nothing to do after the tests above; builds it when run alone

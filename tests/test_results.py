@@ -1,16 +1,24 @@
-"""The results tables: gathering per-seed files, mean ± std over seeds, paired differences, markdown
-and figures, on a synthetic results tree with known numbers."""
+"""The results tables: gathering per-seed files, mean ± std over seeds, paired differences and the
+verdict rule (95% t interval), markdown and figures, on a synthetic results tree with known numbers;
+and the committed claims table recomputed from the committed per-seed files."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
+from matplotlib.container import ErrorbarContainer
 
-from pemae import figures
-from pemae.results import (RunPaths, claim_verdicts, claims_markdown, gather, paired_differences,
-                           paired_markdown, results_markdown, summarise, write_claims, write_results)
+from pemae import figures, results
+from pemae.results import (CLAIM_CELLS, RunPaths, ci_half_width, claim_verdicts, claims_markdown,
+                           decided_comparisons, gather, judge, judge_claims, judge_differences,
+                           paired_differences, paired_markdown, results_markdown, seeds_needed,
+                           summarise, t_quantile, write_claims, write_results)
+
+REPO = Path(__file__).resolve().parents[1]
 
 SEEDS = [0, 1, 2]
 RUNS = ["pemae", "mae", "random", "pixels"]
@@ -127,19 +135,28 @@ def test_summarise_gives_zero_std_for_a_single_seed(tree):
     assert (summary[0]["knn_top1_mean"], summary[0]["knn_top1_std"], summary[0]["knn_top1_n"]) == (71.0, 0.0, 1)
 
 
+T3 = 4.302652729749462  # t(0.975, 2): the 95% interval of a mean over 3 seeds
+T3_POWER = 1.0606601717798214  # t(0.80, 2)
+
+
 def test_paired_differences_are_seed_by_seed_with_verdicts(tree):
     diffs = paired_differences(gather(tree, RUNS, SEEDS), [["pemae", "mae"]])
-    knn = find(diffs, metric="knn_top1", readout_a="cls")  # diffs 10, 11, 12; noise max(2, 1)
-    assert (knn["mean"], knn["std"], knn["n"], knn["noise"]) == (11.0, 1.0, 3, 2.0)
-    assert knn["verdict"] == "pemae better"
+    knn = find(diffs, metric="knn_top1", readout_a="cls")  # diffs 10, 11, 12
+    assert (knn["mean"], knn["sd"], knn["n"], knn["seeds"]) == (11.0, 1.0, 3, SEEDS)
+    assert (knn["ci_low"], knn["ci_high"]) == pytest.approx((11 - T3 / math.sqrt(3), 11 + T3 / math.sqrt(3)))
+    assert knn["mde"] == pytest.approx((T3 + T3_POWER) / math.sqrt(3))
+    assert knn["verdict"] == "holds"  # a (pemae) better: the whole interval above zero
     linear = find(diffs, metric="linear_top1", readout_a="cls")  # diffs 1, 0, -1
-    assert (linear["mean"], linear["std"]) == (0.0, 1.0) and linear["verdict"] == "within noise"
-    avg_linear = find(diffs, metric="linear_top1", readout_a="avg")  # diffs -1, -2, -3; noise max(0, 1)
-    assert (avg_linear["mean"], avg_linear["noise"]) == (-2.0, 1.0) and avg_linear["verdict"] == "mae better"
-    finetune = find(diffs, metric="finetune_top1")  # diffs 1, 1, 1: |1| <= noise 1
-    assert finetune["readout_a"] is None and (finetune["mean"], finetune["std"]) == (1.0, 0.0)
-    assert finetune["verdict"] == "within noise"
+    assert (linear["mean"], linear["sd"]) == (0.0, 1.0) and linear["verdict"] == "inconclusive"
+    avg_linear = find(diffs, metric="linear_top1", readout_a="avg")  # diffs -1, -2, -3: -2 ± 2.48
+    assert avg_linear["mean"] == -2.0 and avg_linear["verdict"] == "inconclusive"
+    finetune = find(diffs, metric="finetune_top1")  # diffs 1, 1, 1: no spread, interval [1, 1]
+    assert finetune["readout_a"] is None and (finetune["mean"], finetune["sd"]) == (1.0, 0.0)
+    assert finetune["verdict"] == "holds"
     assert len(diffs) == 2 * 2 + 2  # two readouts × two probes; fine-tune and dense mIoU once
+    reverse = find(paired_differences(gather(tree, RUNS, SEEDS), [["mae", "pemae"]]),
+                   metric="knn_top1", readout_a="cls")
+    assert reverse["mean"] == -11.0 and reverse["verdict"] == "reversed"
 
 
 def test_paired_differences_against_raw_pixels_use_each_readout(tree):
@@ -154,7 +171,8 @@ def test_paired_differences_use_only_shared_seeds_and_need_two(tree):
     rows = [r for r in gather(tree, RUNS, SEEDS) if not (r["run"] == "mae" and r["seed"] != 0)]
     knn = find(paired_differences(rows, [["pemae", "mae"]]), metric="knn_top1", readout_a="cls")
     assert (knn["seeds"], knn["mean"], knn["n"]) == ([0], 10.0, 1)
-    assert knn["verdict"] == "within noise"  # one seed: no estimate of the noise
+    assert knn["verdict"] == "too few seeds"  # one seed: no spread, no interval, no verdict
+    assert knn["sd"] is knn["ci_low"] is knn["ci_high"] is knn["mde"] is None
 
 
 def test_missing_files_give_missing_keys_not_errors(tree):
@@ -200,18 +218,20 @@ def test_results_markdown_has_the_long_table(tree):
 def test_paired_markdown_shows_differences_and_verdicts(tree):
     md = paired_markdown(paired_differences(gather(tree, RUNS, SEEDS), PAIRS))
     lines = md.splitlines()
-    assert lines[0] == "| a − b | features | metric | difference | seeds | verdict |"
-    assert "| pemae − mae | CLS | k-NN | +11.00 ± 1.00 | 3 | pemae better |" in lines
-    assert "| pemae − mae | avg patches | linear | -2.00 ± 1.00 | 3 | mae better |" in lines
-    assert "| pemae − mae | – | fine-tune | +1.00 ± 0.00 | 3 | within noise |" in lines
-    assert "| pemae − mae | – | dense mIoU | +3.00 ± 1.00 | 3 | pemae better |" in lines
+    assert lines[0] == "| a − b | features | metric | mean ± sd | 95% CI | seeds | MDE | verdict |"
+    assert "| pemae − mae | CLS | k-NN | +11.00 ± 1.00 | [+8.52, +13.48] | 3 | 3.10 | pemae better |" in lines
+    assert ("| pemae − mae | avg patches | linear | -2.00 ± 1.00 | [-4.48, +0.48] | 3 | 3.10 "
+            "| inconclusive |") in lines
+    assert "| pemae − mae | – | fine-tune | +1.00 ± 0.00 | [+1.00, +1.00] | 3 | 0.00 | pemae better |" in lines
+    assert "| pemae − mae | – | dense mIoU | +3.00 ± 1.00 | [+0.52, +5.48] | 3 | 3.10 | pemae better |" in lines
     assert "| pemae − pixels | – | dense mIoU |" not in md  # the pixel baseline has no dense probe
-    assert "| pemae − pixels | CLS vs raw pixels | k-NN | -3.00 ± 2.00 | 3 | pixels better |" in lines
-    assert "larger of the two runs' seed std" in md
+    assert ("| pemae − pixels | CLS vs raw pixels | k-NN | -3.00 ± 2.00 | [-7.97, +1.97] | 3 | 6.19 "
+            "| inconclusive |") in lines
+    assert "t(0.975, n − 1)" in md and "80% power" in md
 
 
 def test_write_results_writes_both_splits_and_json(tree):
-    results = write_results(tree, RUNS, SEEDS, PAIRS)
+    results = write_results(tree, RUNS, PAIRS)
     test_md, val_md = (tree / "results.md").read_text(), (tree / "results_val.md").read_text()
     assert "| pemae | CLS | 82.00 ± 2.00 |" in test_md and "pemae − mae" in test_md
     assert "| pemae | CLS | 82.50 ± 2.00 |" in val_md and "validation" in val_md
@@ -219,7 +239,7 @@ def test_write_results_writes_both_splits_and_json(tree):
     assert set(metrics) == {"test", "val"} and set(metrics["test"]) == {"seeds", "summary", "paired", "claims"}
     assert metrics["val"]["summary"]["pemae/cls"]["knn_top1_mean"] == 82.5
     assert metrics["test"]["seeds"]["mae/seed1/avg"]["linear_top1"] == 85.0
-    assert metrics["test"]["paired"]["pemae-mae/cls-cls/knn_top1"]["verdict"] == "pemae better"
+    assert metrics["test"]["paired"]["pemae-mae/cls-cls/knn_top1"]["verdict"] == "holds"
     assert len(metrics["test"]["seeds"]) == len(results["test"]["seeds"]) == 21
     assert results["test"]["summary"][0]["run"] == "pemae"
 
@@ -231,6 +251,10 @@ def test_figures_render_summary_rows_to_png(tree):
     heights = sorted(round(p.get_height(), 6) for p in ax.patches)
     assert len(heights) == 7 + 7 + 3  # every run and readout per probe; one fine-tune bar per run
     assert 82.0 in heights and 81.0 in heights
+    errorbars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    first = errorbars[0].lines[2][0].get_segments()[0]  # pemae CLS k-NN: 82 ± its CI
+    assert first[1][1] - first[0][1] == pytest.approx(2 * T3 * 2.0 / math.sqrt(3))  # std 2, n 3
+    assert "95% CI" in ax.get_title() and "n = 3 seeds per bar" in ax.get_title()
     assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == ["collapsed"] * 5  # pemae's bars
     assert figures.save(fig, tree / "accuracy.png").stat().st_size > 1000
     table = figures.table_figure(summary, title="results")
@@ -265,35 +289,60 @@ def test_claim_verdicts_read_the_paired_differences_in_the_papers_direction(tree
     rows = {r["claim"]: r for r in claim_verdicts(gather(tree, RUNS, SEEDS), CLAIMS)}
     pemae_mae = rows["PEMAE beats MAE"]
     assert (pemae_mae["a"], pemae_mae["b"]) == ("pemae", "mae")
-    assert pemae_mae["cls/knn_top1"] == {"mean": 11.0, "std": 1.0, "n": 3, "verdict": "holds"}
-    assert pemae_mae["cls/linear_top1"]["verdict"] == "within noise"  # diffs 1, 0, -1
-    assert pemae_mae["None/finetune_top1"]["verdict"] == "within noise"  # |1| <= noise 1
-    assert pemae_mae["None/dense_miou"] == {"mean": 3.0, "std": 1.0, "n": 3, "verdict": "holds"}
+    knn = pemae_mae["cls/knn_top1"]
+    assert set(knn) == {"mean", "sd", "n", "seeds", "ci_low", "ci_high", "half_width", "mde",
+                        "verdict", "seeds_needed"}
+    assert (knn["mean"], knn["sd"], knn["n"], knn["verdict"]) == (11.0, 1.0, 3, "holds")
+    assert knn["ci_low"] == pytest.approx(11 - T3 / math.sqrt(3))
+    assert pemae_mae["cls/linear_top1"]["verdict"] == "inconclusive"  # diffs 1, 0, -1
+    assert pemae_mae["None/finetune_top1"]["verdict"] == "holds"  # diffs 1, 1, 1
+    assert pemae_mae["None/dense_miou"]["verdict"] == "holds"  # diffs 2, 3, 4
+    assert pemae_mae["cls/linear_top1"]["seeds_needed"] == seeds_needed(1.0) == 18
+    assert pemae_mae["seeds_enough"] is False  # linear: ± 2.48 over 3 seeds
     reverse = rows["MAE beats PEMAE"]
-    assert reverse["cls/knn_top1"]["mean"] == -11.0 and reverse["cls/knn_top1"]["verdict"] == "does not hold"
+    assert reverse["cls/knn_top1"]["mean"] == -11.0 and reverse["cls/knn_top1"]["verdict"] == "reversed"
     random = rows["random beats MAE"]  # random 40-42 vs mae 70-72: far below
-    assert random["cls/knn_top1"]["verdict"] == "does not hold"
-    assert random["None/finetune_top1"]["verdict"] == "does not hold"  # 81 vs 90, noise 1
+    assert random["cls/knn_top1"]["verdict"] == "reversed"
+    assert random["None/finetune_top1"]["verdict"] == "reversed"  # 81 vs 90 on every seed
+    assert random["seeds_enough"] is False  # fine-tune: no spread; linear: diffs -39, -41, -43
     ghost = rows["two teachers beat one"]  # single_teacher never ran
     assert all(ghost[k] == {"verdict": "not run"} for k in ("cls/knn_top1", "cls/linear_top1",
                                                             "None/finetune_top1", "None/dense_miou"))
+    assert ghost["seeds_enough"] is None
 
 
 def test_claims_markdown_gives_a_cell_per_metric_and_the_rule(tree):
     text = claims_markdown(claim_verdicts(gather(tree, RUNS, SEEDS), CLAIMS))
-    assert "| PEMAE beats MAE | pemae − mae | +11.00 ± 1.00 (3): holds | +0.00 ± 1.00 (3): within noise |" in text
-    assert "| two teachers beat one | pemae − single_teacher | not run | not run | not run | not run |" in text
-    assert "direction is a > b" in text
+    assert text.splitlines()[0] == ("| claim | a − b | k-NN (CLS) | linear (CLS) | fine-tune | dense mIoU "
+                                    "| seeds enough? |")
+    assert ("| PEMAE beats MAE | pemae − mae | +11.00 (sd 1.00, n 3), CI [+8.52, +13.48]: **holds** "
+            "| +0.00 (sd 1.00, n 3), CI [-2.48, +2.48]: inconclusive, could detect ≥ 3.10 points |") in text
+    assert "| no (linear ± 2.48, ~18 seeds) |" in text
+    assert "| MAE beats PEMAE | mae − pemae | -11.00 (sd 1.00, n 3), CI [-13.48, -8.52]: **reversed** |" in text
+    assert ("| two teachers beat one | pemae − single_teacher | not run | not run | not run | not run "
+            "| not run |") in text
+    assert "direction is a > b" in text and "t(0.975, n − 1)" in text
+
+
+def test_a_single_seed_gives_no_verdict_in_the_claims(tree):
+    rows = claim_verdicts(gather(tree, RUNS, [0]), {"PEMAE beats MAE": ["pemae", "mae"]})
+    cell = rows[0]["cls/knn_top1"]
+    assert (cell["mean"], cell["n"], cell["verdict"]) == (10.0, 1, "too few seeds")
+    assert cell["ci_low"] is cell["mde"] is cell["seeds_needed"] is None
+    assert rows[0]["seeds_enough"] is False  # one seed: no half-width yet, not enough
+    text = claims_markdown(rows)
+    assert "+10.00 (n 1): no verdict, too few seeds" in text and "linear: one seed" in text
 
 
 def test_write_results_puts_the_claims_first(tree):
-    results = write_results(tree, ["pemae", "mae"], SEEDS, [], claims={"PEMAE beats MAE": ["pemae", "mae"]})
+    results = write_results(tree, ["pemae", "mae"], [], claims={"PEMAE beats MAE": ["pemae", "mae"]})
     text = (tree / "results.md").read_text()
     assert text.startswith("## The paper's claims (test split)")
     assert results["val"]["claims"][0]["cls/knn_top1"]["verdict"] == "holds"
+    assert "**holds**" in text.split("## Results")[0]
     metrics = json.loads((tree / "results.json").read_text())
     assert metrics["test"]["claims"]["pemae-mae"]["claim"] == "PEMAE beats MAE"
-    write_results(tree, ["pemae", "mae"], SEEDS, [])
+    write_results(tree, ["pemae", "mae"], [])
     assert (tree / "results.md").read_text().startswith("## Results (test split)")  # no claims: no section
 
 
@@ -307,12 +356,181 @@ def test_write_claims_reads_runs_from_several_folders(tree, tmp_path_factory):
         write_json(RunPaths(ablations, "pemae", seed).evaluation,  # shadowed by the tree's pemae
                    {"test": {"cls": {"knn_top1": 0.0, "linear_top1": 0.0}}, "val": {}})
     out = tmp_path_factory.mktemp("out")
-    verdicts = write_claims(out, [tree, ablations], SEEDS, CLAIMS)
+    verdicts = write_claims(out, [tree, ablations], CLAIMS)  # every seed folder found
     rows = {r["claim"]: r for r in verdicts["test"]}
-    assert rows["two teachers beat one"]["cls/knn_top1"] == {"mean": 20.0, "std": 0.0, "n": 3, "verdict": "holds"}
+    two = rows["two teachers beat one"]["cls/knn_top1"]
+    assert (two["mean"], two["sd"], two["n"], two["verdict"]) == (20.0, 0.0, 3, "holds")
     assert rows["PEMAE beats MAE"]["cls/knn_top1"]["mean"] == 11.0  # the tree's pemae, not the shadow
     val_rows = {r["claim"]: r for r in verdicts["val"]}
     assert val_rows["two teachers beat one"]["cls/knn_top1"] == {"verdict": "not run"}  # no val figures
     text = (out / "claims.md").read_text()
     assert "## The paper's claims (test split)" in text and "## The paper's claims (validation split)" in text
     assert json.loads((out / "claims.json").read_text())["test"]["pemae-single_teacher"]["b"] == "single_teacher"
+
+
+# --------------------------------------------------------------------------------------------
+# The verdict rule: the 95% t interval of the mean paired difference
+# --------------------------------------------------------------------------------------------
+def test_t_quantiles_match_the_conventions_table():
+    """CONVENTIONS.md, "Statistics of a paired comparison", for n − 1 = 1 … 9."""
+    t975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26]
+    assert [round(t_quantile(0.975, df), 2) for df in range(1, 10)] == t975
+    # t(0.80) for n − 1 = 2 … 9 (for one degree of freedom it is 1.376; the 1.89 listed there
+    # is t(0.90, 2))
+    assert [round(t_quantile(0.80, df), 2) for df in range(2, 10)] == [1.06, 0.98, 0.94, 0.92, 0.91,
+                                                                       0.90, 0.89, 0.88]
+    assert t_quantile(0.80, 1) == pytest.approx(1.3764, abs=1e-4)
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 30, 31, 120])
+def test_the_t_quantile_without_scipy_agrees_with_scipy(df):
+    pytest.importorskip("scipy")
+    for p in (0.80, 0.975):
+        assert results._t_quantile_fallback(p, df) == pytest.approx(t_quantile(p, df), abs=1e-4)
+
+
+@pytest.mark.parametrize("mean, sd, n, verdict", [
+    (-2.35, 0.20, 3, "reversed"),       # PEMAE − MAE, CLS k-NN: the whole interval below zero
+    (-1.39, 0.80, 3, "inconclusive"),   # PEMAE − MAE, CLS linear: the interval reaches above zero
+    (-0.61, 0.88, 3, "inconclusive"),   # CLS labels − token recon, CLS linear
+    (1.00, 0.20, 3, "holds"),           # the whole interval above zero
+    (0.05, 0.00, 3, "holds"),           # no spread: the interval is the mean itself
+    (0.00, 0.00, 5, "inconclusive"),    # an interval that touches zero contains it
+    (-1.00, None, 1, "too few seeds"),  # one seed: no sd, no interval, no verdict
+])
+def test_judge_gives_the_worked_examples(mean, sd, n, verdict):
+    assert judge(mean, sd, n)["verdict"] == verdict
+
+
+def test_judge_gives_the_interval_and_the_minimum_detectable_effect():
+    found = judge(-2.35, 0.20, 3)
+    half = 4.303 * 0.20 / math.sqrt(3)
+    assert (found["ci_low"], found["ci_high"]) == pytest.approx((-2.35 - half, -2.35 + half), abs=1e-3)
+    assert found["half_width"] == pytest.approx(half, abs=1e-3)
+    assert found["mde"] == pytest.approx((4.303 + 1.061) * 0.20 / math.sqrt(3), abs=1e-3)
+    assert (found["mean"], found["sd"], found["n"]) == (-2.35, 0.20, 3)
+    inconclusive = judge(-1.39, 0.80, 3)
+    assert inconclusive["ci_low"] < 0 < inconclusive["ci_high"]
+    assert inconclusive["mde"] == pytest.approx(2.477, abs=1e-3)
+    single = judge(-1.0, None, 1)
+    assert single["ci_low"] is single["ci_high"] is single["half_width"] is single["mde"] is None
+    assert judge_differences([1.0, 2.0, 3.0]) == judge(2.0, 1.0, 3)
+    assert judge_differences([-0.5])["verdict"] == "too few seeds"
+
+
+def test_seeds_enough_is_the_stopping_rule():
+    assert results.seeds_enough({"verdict": "inconclusive", "n": 3, "half_width": 0.5}) is True
+    assert results.seeds_enough({"verdict": "inconclusive", "n": 9, "half_width": 0.51}) is False
+    assert results.seeds_enough({"verdict": "inconclusive", "n": 10, "half_width": 0.9}) is True
+    assert results.seeds_enough({"verdict": "too few seeds", "n": 1, "half_width": None}) is False
+    assert results.seeds_enough({"verdict": "not run"}) is None
+
+
+def test_seeds_needed_is_the_smallest_n_for_the_half_width():
+    assert ci_half_width(1.0, 3) == pytest.approx(T3 / math.sqrt(3))
+    assert ci_half_width(1.0, 1) is None
+    for sd in (0.16, 0.5, 1.2):
+        n = seeds_needed(sd)
+        assert ci_half_width(sd, n) <= 0.5 < ci_half_width(sd, n - 1) if n > 2 else True
+    assert (seeds_needed(0.16), seeds_needed(1.2)) == (3, 25)  # CONVENTIONS.md: roughly 3–25
+    assert seeds_needed(0.0) == 2 and seeds_needed(None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Every seed trained counts, not only params.yaml `seeds`
+# --------------------------------------------------------------------------------------------
+def add_seed(results_dir, run, seed, knn, finetune):
+    paths = RunPaths(results_dir, run, seed)
+    split = {"cls": {"knn_top1": knn, "linear_top1": 80.0}}
+    write_json(paths.evaluation, {"val": split, "test": split})
+    write_json(paths.finetune / "summary.json", {"val_top1": finetune, "test_top1": finetune})
+
+
+def test_every_seed_folder_is_read_and_pairs_use_the_shared_ones(tree):
+    add_seed(tree, "pemae", 3, 86.0, 93.0)  # a fourth seed for pemae and mae only
+    add_seed(tree, "mae", 3, 73.0, 92.0)
+    add_seed(tree, "pemae", 9, 90.0, 94.0)  # a seed mae has not trained
+    (RunPaths(tree, "mae", 5).root).mkdir(parents=True)  # an empty folder: not a trained seed
+    assert results.seed_numbers(tree, "pemae") == [0, 1, 2, 3, 9]
+    rows = gather(tree, ["pemae", "mae"])
+    assert sorted({r["seed"] for r in rows if r["run"] == "mae"}) == [0, 1, 2, 3]
+    assert sorted({r["seed"] for r in gather(tree, ["pemae"], SEEDS)}) == SEEDS  # a list: only those
+    knn = find(paired_differences(rows, [["pemae", "mae"]]), metric="knn_top1", readout_a="cls")
+    assert (knn["seeds"], knn["n"], knn["mean"]) == ([0, 1, 2, 3], 4, 11.5)  # diffs 10 … 13
+    written = write_results(tree, ["pemae", "mae"], [["pemae", "mae"]])
+    cls = find(written["test"]["summary"], run="pemae", readout="cls")
+    assert (cls["knn_top1_n"], cls["finetune_top1_n"]) == (5, 5)
+    text = (tree / "results.md").read_text()
+    assert "(n 5)" in text and "n = 3 seeds per figure unless the cell says (n k)" in text
+    assert "| pemae − mae | CLS | k-NN | +11.50 ±" in text and "| 4 |" in text
+    verdicts = write_claims(tree, [tree], {"PEMAE beats MAE": ["pemae", "mae"]})
+    assert verdicts["test"][0]["cls/knn_top1"]["n"] == 4
+    assert "n 4" in (tree / "claims.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The committed claims table: every verdict recomputed from the committed per-seed files
+# --------------------------------------------------------------------------------------------
+COMMITTED_CLAIMS = REPO / "results" / "claims.json"
+
+
+def committed_claims() -> dict:
+    return json.loads(COMMITTED_CLAIMS.read_text())
+
+
+def test_no_committed_verdict_is_decided_where_its_interval_contains_zero():
+    for split, rows in committed_claims().items():
+        for row in rows.values():
+            for key in CLAIM_CELLS:
+                cell = row[key]
+                if cell["verdict"] == "not run":
+                    continue
+                assert cell["verdict"] == judge(cell["mean"], cell["sd"], cell["n"])["verdict"], (split, key)
+                if cell["n"] < 2:
+                    assert cell["verdict"] == "too few seeds"
+                elif cell["ci_low"] <= 0 <= cell["ci_high"]:
+                    assert cell["verdict"] == "inconclusive", (split, row["claim"], key, cell)
+                else:
+                    assert cell["verdict"] == ("holds" if cell["ci_low"] > 0 else "reversed")
+
+
+def test_the_committed_claims_follow_from_the_committed_per_seed_files():
+    """Regenerate with study/dvc.yaml:claims (notebooks/08_claims.ipynb) when a seed is added."""
+    claims = yaml.safe_load((REPO / "params.yaml").read_text())["claims"]
+    recomputed = judge_claims([REPO / "results", REPO / "results" / "ablations"], claims)
+    committed = committed_claims()
+    for split, rows in recomputed.items():
+        assert set(committed[split]) == {f"{r['a']}-{r['b']}" for r in rows}
+        for row in rows:
+            stored = committed[split][f"{row['a']}-{row['b']}"]
+            assert stored["claim"] == row["claim"] and stored["seeds_enough"] == row["seeds_enough"]
+            for key in CLAIM_CELLS:
+                fresh, kept = row[key], stored[key]
+                assert kept["verdict"] == fresh["verdict"], (split, row["claim"], key)
+                if fresh["verdict"] == "not run":
+                    continue
+                assert (kept["n"], kept["seeds"]) == (fresh["n"], fresh["seeds"])
+                numbers = ("mean", "sd", "ci_low", "ci_high", "mde")
+                assert [kept[k] for k in numbers] == pytest.approx([fresh[k] for k in numbers])
+
+
+def test_decided_comparisons_list_only_holds_and_reversed():
+    decided = decided_comparisons(COMMITTED_CLAIMS)
+    assert decided == decided_comparisons(committed_claims(), "test")
+    assert set(decided.values()) <= {"holds", "reversed"}
+    cells = {(row["claim"], key): row[key] for row in committed_claims()["test"].values() for key in CLAIM_CELLS}
+    assert {k for k, cell in cells.items() if cell["verdict"] in ("holds", "reversed")} == set(decided)
+    for claim, key in decided:  # what a README may call decided: its interval excludes zero
+        cell = cells[(claim, key)]
+        assert cell["ci_low"] > 0 or cell["ci_high"] < 0
+    assert decided[("PEMAE beats MAE", "cls/knn_top1")] == "reversed"  # -2.35, sd 0.20, n 3
+    assert ("PEMAE beats MAE", "cls/linear_top1") not in decided  # -1.39, sd 0.80, n 3
+
+
+def test_decided_comparisons_on_a_synthetic_table(tree):
+    claims_json = {"test": {f"{r['a']}-{r['b']}": r for r in claim_verdicts(gather(tree, RUNS, SEEDS), CLAIMS)}}
+    decided = decided_comparisons(claims_json)
+    assert decided[("PEMAE beats MAE", "cls/knn_top1")] == "holds"
+    assert decided[("MAE beats PEMAE", "cls/knn_top1")] == "reversed"
+    assert ("PEMAE beats MAE", "cls/linear_top1") not in decided  # inconclusive
+    assert not [k for k in decided if k[0] == "two teachers beat one"]  # not run
