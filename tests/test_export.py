@@ -5,7 +5,7 @@
 
 timm reads the file's "state_dict" entry itself, so the file needs no conversion; the overlay's
 `num_classes=0` makes timm load it strictly (its default pretrained config declares a 1000-class
-head, and a head mismatch makes timm load non-strictly). These are the README's instructions.
+head, and a head mismatch makes timm load non-strictly). These are docs/sharing.md's instructions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pemae.encoder import TIMM_ARCH, build_encoder, encoder_kwargs
 
 
 def timm_from_file(path: Path, kwargs: dict, num_classes: int = 0) -> torch.nn.Module:
-    """What the README tells users to write (`kwargs` as stored in the file's "kwargs")."""
+    """What docs/sharing.md tells users to write (`kwargs` as stored in the file's "kwargs")."""
     return timm.create_model(TIMM_ARCH, pretrained=True,
                              pretrained_cfg_overlay=dict(file=str(path), num_classes=0),
                              num_classes=num_classes, **kwargs).eval()
