@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -263,6 +264,23 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "encoder.pt").exists()
     assert list(read_log(tmp_path / "log.csv")["step"]) == [3]  # nothing logged after the NaN
+
+
+@needs_fashion_mnist
+def test_a_diverged_run_ends_the_command_in_one_line(tmp_path, capsys):
+    """`pretrain` with an lr that blows up: exit code 2 and one line on stderr naming the step,
+    the non-finite terms and that no checkpoint was written; no traceback (that is --debug's)."""
+    args = ["pretrain", "--preset", "tiny", "--out", str(tmp_path), "--no-progress",
+            *[a for s in (*CLI_SETS, "pretrain.base_lr=1e6") for a in ("--set", s)]]
+    with pytest.raises(SystemExit) as stop:
+        cli_main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert re.search(r"error: non-finite loss at step \d+: .*\(non-finite: .*loss.*\)\. Training "
+                     r"stopped; no checkpoint had been written yet", err[0]), err[0]
+    with pytest.raises(NonFiniteLossError):
+        cli_main([*args, "--debug"])
 
 
 @needs_fashion_mnist
