@@ -444,7 +444,8 @@ def config_differences(old: dict, new: dict, sections: tuple[str, ...] = SECTION
             for k in sorted(a.keys() | b.keys()) if k not in ignore and a.get(k) != b.get(k)]
 
 
-PIPELINE_KEYS = ("preset", "runs", "seeds", "extra_seeds", "comparisons", "claims", "ablations", "small_data")  # params.yaml's keys besides SECTIONS
+PIPELINE_KEYS = ("preset", "runs", "seeds", "extra_seeds", "comparisons", "claims", "ablations", "small_data",
+                 "budget")  # params.yaml's keys besides SECTIONS
 
 
 def with_seed(overrides: dict | None, seed: int | None) -> dict:
