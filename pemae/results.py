@@ -629,11 +629,16 @@ def paired_markdown(diff_rows: list[dict]) -> str:
 # Writing
 # --------------------------------------------------------------------------------------------
 def split_results(results_dir: str | Path, runs: list[str], seeds: list[int] | None,
-                  pairs: list[list[str]], split: str, claims: dict[str, list[str]] | None = None
-                  ) -> dict[str, list[dict]]:
+                  pairs: list[list[str]], split: str, claims: dict[str, list[str]] | None = None,
+                  folders: list[str | Path] | None = None) -> dict[str, list[dict]]:
     """{"seeds": per-seed rows, "summary": mean ± std rows, "paired": paired differences,
-    "claims": verdicts per claim} on `split`; `seeds` None: every seed trained."""
-    rows = gather(results_dir, runs, seeds, split)
+    "claims": verdicts per claim} on `split`; `seeds` None: every seed trained. `folders`: the
+    rows of `runs` from all of these results folders (`gather_folders`) instead of results_dir's."""
+    if folders is None:
+        rows = gather(results_dir, runs, seeds, split)
+    else:
+        rows = sorted((r for r in gather_folders(folders, split) if r["run"] in runs),
+                      key=lambda r: runs.index(r["run"]))  # stable: seeds and readouts stay in order
     return {"seeds": rows, "summary": summarise(rows), "paired": paired_differences(rows, pairs),
             "claims": claim_verdicts(rows, claims or {})}
 
@@ -656,21 +661,24 @@ def report_markdown(results: dict[str, list[dict]], split: str) -> str:
 
 
 def write_results(results_dir: str | Path, runs: list[str], pairs: list[list[str]],
-                  claims: dict[str, list[str]] | None = None, seeds: list[int] | None = None
+                  claims: dict[str, list[str]] | None = None, seeds: list[int] | None = None,
+                  folders: list[str | Path] | None = None, stem: str = "results"
                   ) -> dict[str, dict[str, list[dict]]]:
     """Write results.md (test split), results_val.md (validation split) and results.json, over
     every seed each run has trained (`seeds`: only those, if given).
 
     `claims` {text: [a, b]}: the paper's claims, each judged a − b (the caller passes those whose
-    runs are among `runs`, as for `pairs`). Returns {split: {"seeds", "summary", "paired",
-    "claims"}} for both splits, for the figures.
+    runs are among `runs`, as for `pairs`). `folders`: read the runs from all of these results
+    folders (every seed in any of them) rather than from results_dir; `stem` names the files
+    (<stem>.md, <stem>_val.md, <stem>.json, in results_dir). Returns {split: {"seeds", "summary",
+    "paired", "claims"}} for both splits, for the figures.
     """
     results_dir = Path(results_dir)
-    results = {split: split_results(results_dir, runs, seeds, pairs, split, claims) for split in SPLITS}
-    (results_dir / "results.md").write_text(report_markdown(results["test"], "test"))
-    (results_dir / "results_val.md").write_text(report_markdown(results["val"], "validation"))
+    results = {split: split_results(results_dir, runs, seeds, pairs, split, claims, folders) for split in SPLITS}
+    (results_dir / f"{stem}.md").write_text(report_markdown(results["test"], "test"))
+    (results_dir / f"{stem}_val.md").write_text(report_markdown(results["val"], "validation"))
     metrics = {split: keyed_rows(parts) for split, parts in results.items()}
-    (results_dir / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (results_dir / f"{stem}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return results
 
 

@@ -5,6 +5,7 @@ and the committed claims table recomputed from the committed per-seed files."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -242,6 +243,23 @@ def test_write_results_writes_both_splits_and_json(tree):
     assert metrics["test"]["paired"]["pemae-mae/cls-cls/knn_top1"]["verdict"] == "holds"
     assert len(metrics["test"]["seeds"]) == len(results["test"]["seeds"]) == 21
     assert results["test"]["summary"][0]["run"] == "pemae"
+
+
+def test_write_results_over_several_folders_reads_every_seed(tree, tmp_path_factory):
+    """`folders`: a run's seeds from every folder (an extra seed trained elsewhere joins the
+    table and the paired differences), written under `stem`, runs in the order given."""
+    extra = tmp_path_factory.mktemp("extra_seeds")
+    for run in ("pemae", "mae"):
+        shutil.copytree(tree / "runs" / run / "seed0", extra / "runs" / run / "seed7")
+    results = write_results(tree, ["mae", "pemae"], PAIRS, folders=[tree, extra], stem="every")
+    summary = {(r["run"], r["readout"]): r for r in results["test"]["summary"]}
+    assert summary[("pemae", "cls")]["seeds"] == [0, 1, 2, 7]
+    assert [r["run"] for r in results["test"]["summary"]][0] == "mae"
+    paired = find(results["test"]["paired"], a="pemae", b="mae", readout_a="cls", metric="knn_top1")
+    assert paired["seeds"] == [0, 1, 2, 7]
+    assert (tree / "every.md").is_file() and (tree / "every_val.md").is_file()
+    assert json.loads((tree / "every.json").read_text())["test"]["seeds"]["pemae/seed7/cls"]
+    assert not (tree / "results.md").exists()  # the pipeline's table is not touched
 
 
 def test_figures_render_summary_rows_to_png(tree):
