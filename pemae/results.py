@@ -670,8 +670,9 @@ def write_results(results_dir: str | Path, runs: list[str], pairs: list[list[str
     `claims` {text: [a, b]}: the paper's claims, each judged a − b (the caller passes those whose
     runs are among `runs`, as for `pairs`). `folders`: read the runs from all of these results
     folders (every seed in any of them) rather than from results_dir; `stem` names the files
-    (<stem>.md, <stem>_val.md, <stem>.json, in results_dir). Returns {split: {"seeds", "summary",
-    "paired", "claims"}} for both splits, for the figures.
+    (<stem>.md, <stem>_val.md, <stem>.json, in results_dir); the pipeline's own ("results") also
+    writes metrics.json, the compact `headline_metrics` of the test split. Returns {split:
+    {"seeds", "summary", "paired", "claims"}} for both splits, for the figures.
     """
     results_dir = Path(results_dir)
     results = {split: split_results(results_dir, runs, seeds, pairs, split, claims, folders) for split in SPLITS}
@@ -679,7 +680,32 @@ def write_results(results_dir: str | Path, runs: list[str], pairs: list[list[str
     (results_dir / f"{stem}_val.md").write_text(report_markdown(results["val"], "validation"))
     metrics = {split: keyed_rows(parts) for split, parts in results.items()}
     (results_dir / f"{stem}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if stem == "results":  # the pipeline's own: its compact metrics file
+        (results_dir / "metrics.json").write_text(
+            json.dumps({"test": headline_metrics(results["test"]["summary"])}, indent=2) + "\n")
     return results
+
+
+HEADLINE_METRICS = {"knn_top1": "knn", "linear_top1": "linear", "finetune_top1": "finetune",
+                    "dense_miou": "dense_miou"}  # metrics.json's names
+HEADLINE_READOUTS = ("cls", "pixels")  # the probes' readout in metrics.json (raw pixels: their own)
+
+
+def headline_metrics(summary_rows: list[dict]) -> dict[str, dict[str, float | int]]:
+    """The compact metrics of `dvc metrics show` and `dvc exp show`: per run, each headline figure
+    (CLS k-NN and linear probe, fine-tuning, dense mIoU) as its mean over seeds and the half-width
+    of its 95% t interval (`<name>_ci95`, absent for one seed), and the number of seeds."""
+    out: dict[str, dict] = {}
+    for row in summary_rows:
+        if row["readout"] not in HEADLINE_READOUTS:
+            continue
+        run = out.setdefault(row["run"], {"seeds": len(row["seeds"])})
+        for metric, name in HEADLINE_METRICS.items():
+            if f"{metric}_mean" in row:
+                run[name] = round(row[f"{metric}_mean"], 2)
+                if row[f"{metric}_ci95"] is not None:
+                    run[f"{name}_ci95"] = round(row[f"{metric}_ci95"], 2)
+    return out
 
 
 def gather_folders(results_dirs: list[str | Path], split: str = "test") -> list[dict]:

@@ -245,6 +245,28 @@ def test_write_results_writes_both_splits_and_json(tree):
     assert results["test"]["summary"][0]["run"] == "pemae"
 
 
+def test_write_results_writes_the_compact_metrics_file(tree):
+    results = write_results(tree, RUNS, PAIRS)
+    metrics = json.loads((tree / "metrics.json").read_text())["test"]
+    summary = {(r["run"], r["readout"]): r for r in results["test"]["summary"]}
+    pemae = summary[("pemae", "cls")]
+    assert metrics["pemae"]["knn"] == round(pemae["knn_top1_mean"], 2) == 82.0
+    assert metrics["pemae"]["knn_ci95"] == round(T3 * 2.0 / math.sqrt(3), 2)  # std 2, n 3
+    assert metrics["pemae"]["seeds"] == 3 and "finetune" in metrics["pemae"]
+    assert set(metrics["pixels"]) == {"seeds", "knn", "knn_ci95", "linear", "linear_ci95"}
+    assert all(not key.startswith("avg") for run in metrics.values() for key in run)
+
+
+def test_dvc_declares_one_compact_metrics_file():
+    """`dvc metrics show` / `dvc exp show` read results/metrics.json alone; the per-seed and
+    study files are plain outputs."""
+    declared = []
+    for path in (REPO / "dvc.yaml", REPO / "study" / "dvc.yaml"):
+        for name, stage in yaml.safe_load(path.read_text())["stages"].items():
+            declared += [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+    assert declared == ["results/metrics.json"]
+
+
 def test_write_results_over_several_folders_reads_every_seed(tree, tmp_path_factory):
     """`folders`: a run's seeds from every folder (an extra seed trained elsewhere joins the
     table and the paired differences), written under `stem`, runs in the order given."""
