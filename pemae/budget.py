@@ -59,6 +59,13 @@ class BudgetConfig:
             raise ConfigError(f"{where}: unknown key(s) budget.{', budget.'.join(unknown)} "
                               f"(known: {', '.join(cls.__dataclass_fields__)})")
         cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        if not cfg.epochs or any(not isinstance(e, int) or e < 1 for e in cfg.epochs):
+            raise ConfigError(f"{where}: budget.epochs must be whole numbers >= 1, got {list(cfg.epochs)}")
+        if not cfg.seeds:
+            raise ConfigError(f"{where}: budget.seeds is empty")
+        if cfg.base_epochs < 1 or cfg.long_finetune_epochs < 0:
+            raise ConfigError(f"{where}: budget.base_epochs must be >= 1 and "
+                              "budget.long_finetune_epochs >= 0")
         known_runs = named_runs(params.get("runs") or {}, params.get("ablations")) or {}
         for run in cfg.runs:
             if run not in known_runs:
@@ -77,13 +84,6 @@ class BudgetConfig:
         if not set(cfg.long_finetune_seeds) <= set(cfg.seeds):
             raise ConfigError(f"{where}: budget.long_finetune_seeds {list(cfg.long_finetune_seeds)} "
                               f"must be among budget.seeds {list(cfg.seeds)}")
-        if not cfg.epochs or any(not isinstance(e, int) or e < 1 for e in cfg.epochs):
-            raise ConfigError(f"{where}: budget.epochs must be whole numbers >= 1, got {list(cfg.epochs)}")
-        if not cfg.seeds:
-            raise ConfigError(f"{where}: budget.seeds is empty")
-        if cfg.base_epochs < 1 or cfg.long_finetune_epochs < 0:
-            raise ConfigError(f"{where}: budget.base_epochs must be >= 1 and "
-                              "budget.long_finetune_epochs >= 0")
         return cfg
 
 
@@ -127,10 +127,10 @@ def part_files(paths: RunPaths) -> dict[str, Path]:
 
 
 def jobs(bc: BudgetConfig) -> list[Job]:
-    """Every job, in the order to train them: the budgets above the pipeline's but the largest,
-    every seed, the smallest first; then the largest seed by seed (the one a stopped study has
-    fewest seeds of), with the long fine-tune on its seeds of `long_finetune_seeds`; then the
-    random encoder's long fine-tunes."""
+    """Every job, in the order to train them: each budget other than the pipeline's, the smallest
+    first, every seed of one before the next; the largest last, seed by seed (the one a stopped
+    study has fewest seeds of), with the long fine-tune on the seeds of `long_finetune_seeds`;
+    then the random encoder's long fine-tunes."""
     budgets = sorted(set(bc.epochs) - {bc.base_epochs})
     order: list[Job] = []
     for epochs in budgets:
