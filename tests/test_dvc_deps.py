@@ -1,5 +1,5 @@
-"""dvc.yaml lists, for every stage, each pemae module its notebook uses, directly or not: an edit
-to any of them makes the stage stale."""
+"""dvc.yaml lists, for every stage, each pemae module its notebook (or script) uses, directly or not:
+an edit to any of them makes the stage stale."""
 
 from __future__ import annotations
 
@@ -27,10 +27,13 @@ def pemae_imports(source: str) -> set[str]:
     return found
 
 
-def modules_used(notebook: Path) -> set[str]:
-    """pemae modules reached from the notebook's code cells, following imports transitively."""
-    cells = json.loads(notebook.read_text())["cells"]
-    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+def modules_used(entry: Path) -> set[str]:
+    """pemae modules reached from a notebook's code cells or a script, following imports transitively."""
+    if entry.suffix == ".ipynb":
+        cells = json.loads(entry.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    else:
+        code = entry.read_text()
     todo, seen = pemae_imports("\n".join(line for line in code.splitlines()
                                          if not line.lstrip().startswith(("%", "!")))), set()
     while todo:
@@ -51,12 +54,16 @@ STAGES = {**yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"],
 def test_every_module_a_stage_uses_is_a_dependency(stage):
     spec = STAGES[stage].get("do", STAGES[stage])
     deps = set(spec["deps"])
-    notebooks = [d for d in deps if d.endswith(".ipynb")]
-    assert notebooks and all(nb in spec["cmd"] for nb in notebooks)  # every notebook it runs
-    used = {f"pemae/{m}.py" for nb in notebooks for m in modules_used(REPO / nb)}
-    assert used, "the notebook imports nothing from pemae"
+    entries = [d for d in deps if d.endswith(".ipynb") or (d.endswith(".py") and not d.startswith("pemae/"))]
+    assert entries and all(e in spec["cmd"] for e in entries)  # every notebook or script it runs
+    used = {f"pemae/{m}.py" for e in entries for m in modules_used(REPO / e)}
+    assert used, "the stage's notebooks and scripts import nothing from pemae"
     assert sorted(used - deps) == []
 
 
 def test_the_import_walk_follows_imports():
     assert {"config", "presets"} <= modules_used(REPO / "notebooks" / "01_pretrain.ipynb")
+
+
+def test_the_import_walk_reads_scripts_too():
+    assert {"budget", "cli", "pretrain"} <= modules_used(REPO / "study" / "budget.py")

@@ -16,7 +16,7 @@ def test_there_are_the_pipeline_and_study_notebooks():
     assert names == ["00_walkthrough.ipynb", "01_pretrain.ipynb", "02_evaluate.ipynb",
                      "03_finetune.ipynb", "04_figures.ipynb", "05_cost.ipynb",
                      "06_small_data.ipynb", "07_finetune_curve.ipynb", "08_claims.ipynb",
-                     "09_dense.ipynb"]
+                     "09_dense.ipynb", "10_budget.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
