@@ -31,7 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from pemae.config import Config, ConfigError, build_config, deep_merge, load_params, yaml_error
+from pemae.config.params import build_config, deep_merge, load_params, yaml_error
+from pemae.config.schema import Config, ConfigError
+
 
 USAGE_ERROR = 2  # argparse's exit code for a bad command line; the same for a bad input
 
@@ -69,8 +71,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     checkpoint): reported as their message alone. Those of modules not imported yet cannot have
     been raised, so they are not imported (with torch) just to be checked."""
     found: list[type[BaseException]] = [ConfigError, yaml.YAMLError, FileNotFoundError]
-    for module, name in (("pemae.data", "BadImageError"), ("pemae.checkpoint", "DamagedCheckpointError"),
-                         ("pemae.pretrain", "NonFiniteLossError")):
+    for module, name in (("pemae.data.images", "BadImageError"),
+                         ("pemae.engine.checkpoint", "DamagedCheckpointError"),
+                         ("pemae.engine.pretrain", "NonFiniteLossError")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)
@@ -141,7 +144,7 @@ def encoder_path(args: argparse.Namespace) -> Path:
 
 def write_json(path: Path, values: dict) -> None:
     """Write `values` as the notebooks do, from rank 0 only, and say where."""
-    from pemae.distributed import is_main_process
+    from pemae.engine.distributed import is_main_process
 
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +155,7 @@ def write_json(path: Path, values: dict) -> None:
 def run_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     """k-NN and linear probe of the encoder (or the pixels) into OUT/evaluate.json."""
     encoder = None if args.pixels else encoder_path(args)  # before torch is imported
-    from pemae.evaluate import evaluate_encoder, evaluate_pixels
+    from pemae.eval.probes import evaluate_encoder, evaluate_pixels
 
     progress = not args.no_progress
     if encoder is None:
@@ -165,8 +168,8 @@ def run_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 def run_finetune(cfg: Config, args: argparse.Namespace) -> None:
     """Fine-tune the encoder into OUT/finetune (log.csv, summary.json, checkpoints)."""
     encoder = encoder_path(args)
-    from pemae.distributed import is_main_process
-    from pemae.finetune import finetune
+    from pemae.engine.distributed import is_main_process
+    from pemae.engine.finetune import finetune
 
     summary = finetune(cfg, encoder, args.out / "finetune", progress=not args.no_progress)
     if is_main_process():
@@ -176,8 +179,9 @@ def run_finetune(cfg: Config, args: argparse.Namespace) -> None:
 def run_dense(cfg: Config, args: argparse.Namespace) -> None:
     """The dense probe of the encoder into OUT/dense.json, and OUT/dense_maps.pt for the figures."""
     encoder = encoder_path(args)
-    from pemae import checkpoint, distributed
-    from pemae.dense import dense_probe_encoder, figure_maps
+    from pemae.engine import checkpoint, distributed
+    from pemae.eval.dense import dense_probe_encoder
+    from pemae.report.dense_maps import figure_maps
 
     procs, device = distributed.start(cfg.pretrain.device)
     try:
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> None:
     """Run the command of `args`; errors propagate."""
     config = resolve(args)
     if args.command == "pretrain":
-        from pemae.pretrain import pretrain  # after the config errors, which need no torch
+        from pemae.engine.pretrain import pretrain  # after the config errors, which need no torch
 
         pretrain(config, args.out, progress=not args.no_progress)
     else:

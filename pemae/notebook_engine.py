@@ -11,6 +11,7 @@ from __future__ import annotations
 from papermill.engines import NBClientEngine
 from traitlets.config import Config
 
+
 KERNEL_CONFIG = {"KernelManager": {"transport_encryption": "auto"}}
 
 

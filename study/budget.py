@@ -1,10 +1,10 @@
-"""Train the budget study's jobs (pemae/budget.py), several at a time, resumably:
+"""Train the budget study's jobs (pemae/studies/budget.py), several at a time, resumably:
 
     python study/budget.py [--jobs N] [--set section.key=value ...] [--until-minutes M] [--dry-run]
 
 Each job (one run, budget and seed: `mae-e6-s0`) runs in its own process, `--jobs` at once (one on
 a CPU; several on a GPU, whose small steps leave it idle most of the time), in the order of
-`pemae.budget.jobs`; a finished job is skipped, an interrupted one resumes. Its output goes to
+`pemae.studies.budget.jobs`; a finished job is skipped, an interrupted one resumes. Its output goes to
 `<root>/logs/<job>.log`, and one line per finished job to `<root>/jobs.jsonl` (wall-clock seconds,
 device, how many jobs shared the machine). `--set` goes into every job's config (e.g.
 `--set data.num_workers=2`). No job starts once `--until-minutes` have passed. Exit code 1 when
@@ -24,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pemae.budget import Job, job_config, jobs, load, run_job  # noqa: E402
+from pemae.studies.budget import Job, job_config, jobs, load, run_job  # noqa: E402
 from pemae.cli import parse_sets  # noqa: E402
-from pemae.config import ConfigError  # noqa: E402
+from pemae.config.schema import ConfigError  # noqa: E402
 
 ROOT = REPO / "results" / "study" / "budget" / "train"
 

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 from pemae.cli import parse_sets
-from pemae.config import deep_merge, flatten, load_params
-from pemae.evaluate import evaluate_encoder
-from pemae.finetune import finetune
-from pemae.pretrain import pretrain
-from pemae.runtime import read_log
-from pemae.small_data import digits_overrides, write_digits_imagefolder
+from pemae.config.params import deep_merge, flatten, load_params
+from pemae.eval.probes import evaluate_encoder
+from pemae.engine.finetune import finetune
+from pemae.engine.pretrain import pretrain
+from pemae.engine.runtime import read_log
+from pemae.studies.small_data import digits_overrides, write_digits_imagefolder
 
 DIGITS = {"img_size": 32, "pretrain_epochs": 40, "finetune_epochs": 20}
 

@@ -7,19 +7,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from pemae import data
-from pemae.config import Config, build_config
+from pemae.data import datasets, sources
+from pemae.config.schema import Config
+from pemae.config.params import build_config
 
 
 def fashion_mnist_installed() -> bool:
     """True when the Debian Fashion-MNIST files (both splits) are on disk."""
-    folder = data.DEBIAN_FASHION_MNIST
-    return all(data._find_idx_pair([folder], split) for split in data.SOURCE_SPLITS)
+    folder = sources.DEBIAN_FASHION_MNIST
+    return all(sources._find_idx_pair([folder], split) for split in datasets.SOURCE_SPLITS)
 
 
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_installed(),
-    reason=f"real Fashion-MNIST not installed under {data.DEBIAN_FASHION_MNIST} "
+    reason=f"real Fashion-MNIST not installed under {sources.DEBIAN_FASHION_MNIST} "
     "(apt-get install dataset-fashion-mnist)",
 )
 
@@ -40,7 +41,7 @@ def tiny_config(**sections) -> Config:
 
 def run_pretrain(cfg: Config, out_dir: Path) -> SimpleNamespace:
     """Run `pretrain`; keep the trained model it returns."""
-    from pemae.pretrain import pretrain
+    from pemae.engine.pretrain import pretrain
 
     model, summary = pretrain(cfg, out_dir, progress=False)
     return SimpleNamespace(cfg=cfg, out_dir=Path(out_dir), summary=summary, model=model.eval())
@@ -50,5 +51,5 @@ def run_pretrain(cfg: Config, out_dir: Path) -> SimpleNamespace:
 def tiny_run(tmp_path_factory) -> SimpleNamespace:
     """One tiny MAE pretraining run (512 images, 8 steps, one row logged per step)."""
     if not fashion_mnist_installed():
-        pytest.skip(f"real Fashion-MNIST not installed under {data.DEBIAN_FASHION_MNIST}")
+        pytest.skip(f"real Fashion-MNIST not installed under {sources.DEBIAN_FASHION_MNIST}")
     return run_pretrain(tiny_config(method={"name": "mae"}), tmp_path_factory.mktemp("tiny_pretrain"))

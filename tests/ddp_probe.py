@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pemae import distributed
-from pemae.losses import sinkhorn_knopp, update_center
+from pemae.engine import distributed
+from pemae.models.losses import sinkhorn_knopp, update_center
 
 
 def main() -> None:

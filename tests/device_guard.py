@@ -30,12 +30,13 @@ FACTORIES = {torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.zeros, to
              torch.randint, torch.randperm}
 
 # host-side modules: image loading, batching, figures, benchmarks (what they make is moved later)
-HOST_MODULES = {"data", "sampling", "small_data", "maps", "figures", "bench", "cost", "gpu_check",
-                "pos_embed", "presets", "config", "results"}
+# host-side code (data loading, configs, reports, benchmarks, studies, scene composition): any
+# tensor it makes is moved to the device by the step code that uses it
+HOST_PACKAGES = {"data", "config", "report", "perf", "studies"}
+HOST_MODULES = {"engine/sampling", "models/pos_embed", "bench", "cost", "gpu_check", "results"}
 # host-side functions of mixed modules: the dense probe's scene composition
-HOST_FUNCTIONS = {("dense", "draw_placements"), ("dense", "compose_scenes"), ("dense", "load_items"),
-                  ("dense", "build_scenes"), ("dense", "label_colours"), ("dense", "colour_map"),
-                  ("dense", "figure_maps")}
+HOST_FUNCTIONS = {("eval/scenes", name) for name in ("draw_placements", "compose_scenes", "load_items",
+                                                      "build_scenes")}
 
 
 def pemae_caller() -> tuple[str, str, int] | None:
@@ -47,8 +48,10 @@ def pemae_caller() -> tuple[str, str, int] | None:
         frame = frame.f_back
     if frame is None or not frame.f_code.co_filename.startswith(PEMAE_DIR):
         return None
-    module, function = Path(frame.f_code.co_filename).stem, frame.f_code.co_name
-    if module in HOST_MODULES or function == "__init__" or (module, function) in HOST_FUNCTIONS:
+    module = Path(frame.f_code.co_filename).relative_to(PEMAE_DIR).with_suffix("").as_posix()
+    function = frame.f_code.co_name
+    if (module.split("/")[0] in HOST_PACKAGES or module in HOST_MODULES or function == "__init__"
+            or (module, function) in HOST_FUNCTIONS):
         return None
     return module, function, frame.f_lineno
 

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from pemae import data
-from pemae.config import build_config
-from pemae.data import BadImageError, skipped_images
+from pemae.data import datasets, transforms
+from pemae.config.params import build_config
+from pemae.data.images import BadImageError
+from pemae.data.datasets import skipped_images
 
 IMG_SIZE = 32
 
@@ -66,7 +67,7 @@ def data_cfg(root: Path, **values):
 
 def train_set(root: Path, transform: bool = True, **values):
     cfg = data_cfg(root, **values)
-    return data.build_dataset(cfg, "train", data.pretrain_transform(cfg) if transform else None)
+    return datasets.build_dataset(cfg, "train", transforms.pretrain_transform(cfg) if transform else None)
 
 
 def check_items(items: list, n: int) -> None:

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from pemae import bench
-from pemae.config import build_config
-from pemae.cost import COST_VARIANTS, build_variant
+from pemae.engine import runtime
+from pemae.perf import benchmark, peers, step_cost
+from pemae.config.params import build_config
+from pemae.perf.step_cost import COST_VARIANTS, build_variant
 
 BATCH = 16
 PEMAE_ROWS = ("pemae_mae", "pemae_single", "pemae_dual")
@@ -28,7 +30,7 @@ def params(module: nn.Module, trainable_only: bool = False) -> int:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    report = bench.run_benchmark(["tiny"], rounds=1, warmup=1, steps=1, device="cpu", out=out,
+    report = benchmark.run_benchmark(["tiny"], rounds=1, warmup=1, steps=1, device="cpu", out=out,
                                  batch_size=BATCH, verbose=False)
     return report, out
 
@@ -44,7 +46,7 @@ def rows(size) -> dict[str, dict]:
 
 
 def present() -> list[str]:
-    return [i.name for i in bench.IMPLEMENTATIONS if i.library not in bench.MISSING]
+    return [i.name for i in peers.IMPLEMENTATIONS if i.library not in peers.MISSING]
 
 
 # ------------------------------------------------------------------------------- the run
@@ -52,7 +54,7 @@ def test_one_row_per_available_implementation_the_rest_skipped_with_a_note(size,
     assert list(rows) == present()
     assert set(PEMAE_ROWS) <= set(rows)
     skipped = [s["implementation"] for s in size["skipped"]]
-    assert skipped == [i.name for i in bench.IMPLEMENTATIONS if i.library in bench.MISSING]
+    assert skipped == [i.name for i in peers.IMPLEMENTATIONS if i.library in peers.MISSING]
     assert all("pip install" in s["note"] for s in size["skipped"])
 
 
@@ -67,7 +69,7 @@ def test_every_figure_positive_and_consistent(rows):
 
 
 def test_ratios_are_the_quotients_of_the_rows(size, rows):
-    expected = [f"{a} / {b}" for a, b in bench.RATIOS if a in rows and b in rows]
+    expected = [f"{a} / {b}" for a, b in peers.RATIOS if a in rows and b in rows]
     assert [r["ratio"] for r in size["ratios"]] == expected
     assert "pemae_dual / pemae_single" in expected
     for ratio in size["ratios"]:
@@ -106,8 +108,8 @@ def test_markdown_and_json_written(run, size):
 
 # ------------------------------------------------------------------------------- skipping
 def test_a_missing_peer_library_is_skipped_with_a_printed_note(monkeypatch, capsys):
-    monkeypatch.setitem(bench.MISSING, "lightly", "No module named 'lightly'")
-    kept, skipped = bench.available()
+    monkeypatch.setitem(peers.MISSING, "lightly", "No module named 'lightly'")
+    kept, skipped = peers.available()
     assert [i.name for i in kept if i.library == "lightly"] == []
     assert {s["implementation"] for s in skipped} >= {"lightly_mae", "lightly_pemae"}
     assert "skipped lightly_pemae: lightly cannot be imported" in capsys.readouterr().out
@@ -116,7 +118,7 @@ def test_a_missing_peer_library_is_skipped_with_a_printed_note(monkeypatch, caps
 def test_ratios_leave_out_pairs_with_a_missing_row():
     rows = [{"implementation": n, "images_per_s": 2.0, "peak_memory_mb": 1.0, "flops_per_step": 3}
             for n in ("pemae_mae", "pemae_single", "pemae_dual")]
-    assert [r["ratio"] for r in bench.ratio_rows(rows)] == ["pemae_dual / pemae_single"]
+    assert [r["ratio"] for r in benchmark.ratio_rows(rows)] == ["pemae_dual / pemae_single"]
 
 
 def test_sizes_parse_and_the_issue_size_is_the_reported_one():
@@ -124,7 +126,7 @@ def test_sizes_parse_and_the_issue_size_is_the_reported_one():
     assert bench.parse_sizes(None) == ["issue", "default"]
     with pytest.raises(SystemExit):
         bench.parse_sizes(["huge"])
-    cfg = bench.size_config("issue")
+    cfg = benchmark.size_config("issue")
     d, m, h = cfg.data, cfg.model, cfg.method
     assert (cfg.pretrain.batch_size, d.img_size, d.in_chans, m.patch_size) == (128, 32, 3, 4)
     assert (m.embed_dim, m.depth, m.num_heads, m.decoder_dim, m.decoder_depth) == (192, 6, 3, 128, 2)
@@ -139,7 +141,7 @@ def tiny():
 
 def test_hf_mae_has_pemae_mae_encoder_and_trainable_parameters(tiny):
     pytest.importorskip("transformers")
-    ours, hf = build_variant(tiny, COST_VARIANTS["mae"]), bench.HFMAE(tiny)
+    ours, hf = build_variant(tiny, COST_VARIANTS["mae"]), peers.HFMAE(tiny)
     assert params(hf.net.vit) == params(ours.encoder)  # exactly the same encoder
     # the only difference in all: HF's frozen decoder position embedding is a parameter, ours a buffer
     assert params(hf, trainable_only=True) == params(ours, trainable_only=True)
@@ -149,12 +151,12 @@ def test_hf_mae_has_pemae_mae_encoder_and_trainable_parameters(tiny):
 def test_lightly_peers_have_pemae_parameters_plus_the_unused_mask_token(tiny):
     pytest.importorskip("lightly")
     width = tiny.model.embed_dim  # MaskedVisionTransformerTIMM's mask token, unused by MAE
-    ours, lightly = build_variant(tiny, COST_VARIANTS["mae"]), bench.LightlyMAE(tiny)
+    ours, lightly = build_variant(tiny, COST_VARIANTS["mae"]), peers.LightlyMAE(tiny)
     assert params(lightly.backbone.vit) == params(ours.encoder)  # the same timm ViT
     assert params(lightly.backbone) == params(ours.encoder) + width
     assert params(lightly, trainable_only=True) == params(ours, trainable_only=True) + width
 
-    dual, lightly_pemae = build_variant(tiny, COST_VARIANTS["pemae_dual"]), bench.LightlyPEMAE(tiny)
+    dual, lightly_pemae = build_variant(tiny, COST_VARIANTS["pemae_dual"]), peers.LightlyPEMAE(tiny)
     assert (params(lightly_pemae, trainable_only=True)
             == params(dual, trainable_only=True) + width)  # same student, token head, DINO head
     assert (sum(p.numel() for p in lightly_pemae.teacher_set.parameters())
@@ -163,12 +165,12 @@ def test_lightly_peers_have_pemae_parameters_plus_the_unused_mask_token(tiny):
 
 # ------------------------------------------------------------------------------- --compile
 def test_compiling_a_contender_records_its_compile_time_and_keeps_training():
-    cfg = bench.size_config("tiny")
-    imgs = bench.fixed_batch(cfg, BATCH)
-    contender = bench.pemae_builder(COST_VARIANTS["mae"])(cfg, imgs, bench.pick_device("cpu"), "off", 0)
+    cfg = benchmark.size_config("tiny")
+    imgs = step_cost.fixed_batch(cfg, BATCH)
+    contender = peers.pemae_builder(COST_VARIANTS["mae"])(cfg, imgs, runtime.pick_device("cpu"), "off", 0)
     before = {k: v.clone() for k, v in contender.model.state_dict().items()}
     rows = {"pemae_mae": {}}
-    bench.compile_contenders({"pemae_mae": contender}, rows)
+    benchmark.compile_contenders({"pemae_mae": contender}, rows)
     assert rows["pemae_mae"]["compile_s"] > 0
     after = contender.model.state_dict()
     assert after.keys() == before.keys()  # compiled in place: same module, same keys

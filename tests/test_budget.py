@@ -1,4 +1,4 @@
-"""The budget study (pemae/budget.py, pemae/budget_report.py, study/budget.py): its config, the
+"""The budget study (pemae/studies/budget.py, pemae/studies/budget_report.py, study/budget.py): its config, the
 order of its jobs, the schedules scaled with the budget, a resumable job that keeps no weights,
 and the report's verdicts recomputed from the per-seed files."""
 
@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pemae.budget import PARTS, BudgetConfig, Job, job_config, jobs
-from pemae.budget_report import equal_compute_pairs
-from pemae.config import ConfigError, build_config, config_for_run, named_runs, read_params
-from pemae.results import judge_differences
+from pemae.studies.budget import PARTS, BudgetConfig, Job, job_config, jobs
+from pemae.studies.budget_report import equal_compute_pairs
+from pemae.config.schema import ConfigError
+from pemae.config.params import build_config, config_for_run, named_runs, read_params
+from pemae.report.stats import judge_differences
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,8 +112,8 @@ def test_a_job_resumes_keeps_no_weights_and_the_report_recomputes(params, tmp_pa
     assert stamps == {p: p.stat().st_mtime_ns for p in root.rglob("*.json")}
     assert len((root / "jobs.jsonl").read_text().splitlines()) == len(jobs(bc))
 
-    from pemae.budget import train_pipeline_runs
-    from pemae.budget_report import write_report
+    from pemae.studies.budget import train_pipeline_runs
+    from pemae.studies.budget_report import write_report
 
     train_pipeline_runs(small, bc, tmp_path / "pipeline")
     report = write_report(small, bc, root, [tmp_path / "pipeline"], None, tmp_path / "out")

@@ -9,11 +9,11 @@ import yaml
 
 import pytest
 
-from pemae import checkpoint
-from pemae.config import build_config
-from pemae.encoder import TIMM_ARCH, build_encoder
-from pemae.mae import MaskedAutoencoder, random_masking
-from pemae.optim import param_groups
+from pemae.engine import checkpoint
+from pemae.config.params import build_config
+from pemae.models.encoder import TIMM_ARCH, build_encoder
+from pemae.models.mae import MaskedAutoencoder, random_masking
+from pemae.engine.optim import param_groups
 
 
 def sample_images(n=4, seed=0):

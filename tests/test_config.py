@@ -1,4 +1,4 @@
-"""Tests of config resolution and validation (`pemae.config`) and of the presets."""
+"""Tests of config resolution and validation (`pemae.config.params`) and of the presets."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from pemae.config import (SECTIONS, Config, ConfigError, build_config, config_for_run,
-                          deep_merge, load_params)
-from pemae.mae import MaskedAutoencoder
-from pemae.presets import PRESETS
+from pemae.config.params import SECTIONS, build_config, config_for_run, deep_merge, load_params
+from pemae.config.schema import Config, ConfigError
+from pemae.models.mae import MaskedAutoencoder
+from pemae.config.presets import PRESETS
 
 
 def config_error(sections=None, preset="default", run_overrides=None) -> str:

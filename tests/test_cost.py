@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pemae.config import build_config
-from pemae.cost import (COST_VARIANTS, build_variant, format_table, measure_step_cost,
-                        student_of, summary, teacher_parameters)
+from pemae.config.params import build_config
+from pemae.perf.step_cost import (COST_VARIANTS, build_variant, format_table, measure_step_cost,
+                                  student_of, summary, teacher_parameters)
 
 SMALL_HEAD = {"method": {"num_prototypes": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32}}
 

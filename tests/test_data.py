@@ -1,4 +1,4 @@
-"""Tests for `pemae.data` on real files the tests write to disk (no mocks of the readers)."""
+"""Tests for `pemae.data.datasets` on real files the tests write to disk (no mocks of the readers)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from PIL import Image
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
-from pemae import data
-from pemae.config import ConfigError, build_config
+from pemae.data import datasets, images, sources, transforms
+from pemae.config.schema import ConfigError
+from pemae.config.params import build_config
 
 N_TRAIN, N_TEST = 20, 10
 
@@ -52,7 +53,7 @@ def fake_fashion_mnist(folder: Path, gz: bool = True, seed: int = 0) -> dict[str
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)  # [N, 28, 28]
         labels = (np.arange(n) % 10).astype(np.uint8)  # [N]
-        image_name, label_name = data.FASHION_MNIST_FILES[split]
+        image_name, label_name = sources.FASHION_MNIST_FILES[split]
         suffix = ".gz" if gz else ""
         write_idx(folder / f"{image_name}{suffix}", images)
         write_idx(folder / f"{label_name}{suffix}", labels)
@@ -63,8 +64,8 @@ def fake_fashion_mnist(folder: Path, gz: bool = True, seed: int = 0) -> dict[str
 @pytest.fixture
 def no_debian(monkeypatch, tmp_path):
     """Point the Debian Fashion-MNIST folder at an empty place so only data.root is used."""
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
-    monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "no-cache")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(sources, "DEFAULT_CACHE", tmp_path / "no-cache")
 
 
 def fake_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> dict[str, tuple[np.ndarray, list[int]]]:
@@ -124,8 +125,8 @@ def test_fashion_mnist_round_trip(tmp_path, no_debian, gz, layout):
     written = fake_fashion_mnist(folder, gz=gz)
     cfg = data_cfg(root=str(tmp_path / "fm"), download=False)
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        ds = data.build_dataset(cfg, split, as_uint8)
-        assert len(ds) == n and data.num_classes(ds) == 10
+        ds = datasets.build_dataset(cfg, split, as_uint8)
+        assert len(ds) == n and datasets.num_classes(ds) == 10
         images, labels = written[split]
         for i in range(n):
             x, y = ds[i]
@@ -137,7 +138,7 @@ def test_fashion_mnist_round_trip(tmp_path, no_debian, gz, layout):
 def test_fashion_mnist_three_channels(tmp_path, no_debian):
     written = fake_fashion_mnist(tmp_path)
     cfg = data_cfg(root=str(tmp_path), in_chans=3, download=False)
-    x, _ = data.build_dataset(cfg, "train", as_uint8)[3]
+    x, _ = datasets.build_dataset(cfg, "train", as_uint8)[3]
     assert x.shape == (3, 28, 28)  # grey repeated into R, G and B
     for c in range(3):
         assert torch.equal(x[c], torch.from_numpy(written["train"][0][3]))
@@ -146,8 +147,8 @@ def test_fashion_mnist_three_channels(tmp_path, no_debian):
 def test_debian_folder_comes_first(tmp_path, monkeypatch):
     debian = fake_fashion_mnist(tmp_path / "debian", seed=1)
     fake_fashion_mnist(tmp_path / "root", seed=2)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
-    x, _ = data.build_dataset(data_cfg(root=str(tmp_path / "root")), "test", as_uint8)[0]
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    x, _ = datasets.build_dataset(data_cfg(root=str(tmp_path / "root")), "test", as_uint8)[0]
     assert torch.equal(x[0], torch.from_numpy(debian["test"][0][0]))
 
 
@@ -156,7 +157,7 @@ def test_idx_bad_magic_names_file(tmp_path, no_debian):
     bad = tmp_path / "train-images-idx3-ubyte"
     bad.write_bytes(b"\x12\x34" + bad.read_bytes()[2:])
     with pytest.raises(ValueError, match="magic") as err:
-        data.build_dataset(data_cfg(root=str(tmp_path), download=False), "train", None)
+        datasets.build_dataset(data_cfg(root=str(tmp_path), download=False), "train", None)
     assert str(bad) in str(err.value)
 
 
@@ -165,20 +166,20 @@ def test_idx_truncated_and_bad_gzip(tmp_path):
     write_idx(path, np.zeros(10, dtype=np.uint8))
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(ValueError, match="short-idx1-ubyte"):
-        data.read_idx(path)
+        sources.read_idx(path)
     gz = tmp_path / "broken.gz"
     gz.write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="broken.gz"):
-        data.read_idx(gz)
+        sources.read_idx(gz)
     write_idx(path, np.zeros((2, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="dimensions"):
-        data.read_idx(path, ndim=1)
+        sources.read_idx(path, ndim=1)
 
 
 def test_fashion_mnist_missing_says_how(tmp_path, no_debian):
     cfg = data_cfg(root=str(tmp_path / "empty"), download=False)
     with pytest.raises(FileNotFoundError) as err:
-        data.build_dataset(cfg, "train", None)
+        datasets.build_dataset(cfg, "train", None)
     msg = str(err.value)
     assert "apt-get install dataset-fashion-mnist" in msg
     assert "data.root" in msg and "data.download: true" in msg
@@ -195,7 +196,7 @@ def test_fashion_mnist_download_reads_raw_files(tmp_path, no_debian, monkeypatch
         written.update(fake_fashion_mnist(Path(self.raw_folder), gz=False))
 
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", fake_download)
-    ds = data.build_dataset(data_cfg(root=str(tmp_path / "dl"), download=True), "test", as_uint8)
+    ds = datasets.build_dataset(data_cfg(root=str(tmp_path / "dl"), download=True), "test", as_uint8)
     assert len(ds) == N_TEST
     assert torch.equal(ds[5][0][0], torch.from_numpy(written["test"][0][5]))
 
@@ -206,18 +207,18 @@ def test_fashion_mnist_download_failure_says_how(tmp_path, no_debian, monkeypatc
 
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
-        data.build_dataset(data_cfg(root=str(tmp_path), download=True), "train", None)
+        datasets.build_dataset(data_cfg(root=str(tmp_path), download=True), "train", None)
     assert "no internet" in str(err.value)
 
 
 def test_real_fashion_mnist():
-    if not data.DEBIAN_FASHION_MNIST.is_dir():
-        pytest.skip(f"{data.DEBIAN_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)")
+    if not sources.DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip(f"{sources.DEBIAN_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)")
     cfg = data_cfg(download=False)
-    train = data.build_dataset(cfg, "train", data.pretrain_transform(cfg))
-    test = data.build_dataset(cfg, "test", data.eval_transform(cfg))
+    train = datasets.build_dataset(cfg, "train", transforms.pretrain_transform(cfg))
+    test = datasets.build_dataset(cfg, "test", transforms.eval_transform(cfg))
     assert (len(train), len(test)) == (60000, 10000)
-    assert data.num_classes(train) == data.num_classes(test) == 10
+    assert datasets.num_classes(train) == datasets.num_classes(test) == 10
     assert torch.bincount(train.targets).tolist() == [6000] * 10
     x, y = test[0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= y < 10
@@ -230,21 +231,21 @@ def test_cifar10_fake_batches(tmp_path, skip_cifar_md5):
     written = fake_cifar10(tmp_path)
     cfg = data_cfg(dataset="cifar10", root=str(tmp_path), in_chans=3, img_size=32, download=False)
     for split in ("train", "test"):
-        ds = data.build_dataset(cfg, split, as_uint8)
+        ds = datasets.build_dataset(cfg, split, as_uint8)
         pixels, labels = written[split]
-        assert len(ds) == len(labels) and data.num_classes(ds) == 10
+        assert len(ds) == len(labels) and datasets.num_classes(ds) == 10
         x, y = ds[1]
         assert torch.equal(x, torch.from_numpy(pixels[1].reshape(3, 32, 32)))  # [3, 32, 32]
         assert y == labels[1]
     gray = data_cfg(dataset="cifar10", root=str(tmp_path), in_chans=1, img_size=32, download=False)
-    x, _ = data.build_dataset(gray, "test", data.pretrain_transform(gray))[0]
+    x, _ = datasets.build_dataset(gray, "test", transforms.pretrain_transform(gray))[0]
     assert x.shape == (1, 32, 32) and x.dtype == torch.float32
 
 
 def test_cifar10_missing_names_root_and_layout(tmp_path):
     cfg = data_cfg(dataset="cifar10", root=str(tmp_path / "nothing"), in_chans=3, img_size=32, download=False)
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py") as err:
-        data.build_dataset(cfg, "train", None)
+        datasets.build_dataset(cfg, "train", None)
     assert "data.root" in str(err.value) and str(tmp_path / "nothing") in str(err.value)
 
 
@@ -256,10 +257,10 @@ def test_cifar10_missing_names_root_and_layout(tmp_path):
 def test_image_folder_shapes_and_labels(tmp_path, in_chans, img_size):
     write_image_folder(tmp_path)
     cfg = data_cfg(dataset="imagefolder", root=str(tmp_path), in_chans=in_chans, img_size=img_size)
-    for split, make in (("train", data.pretrain_transform), ("train", data.finetune_transform),
-                        ("test", data.eval_transform)):
-        ds = data.build_dataset(cfg, split, make(cfg))
-        assert len(ds) == 8 and data.num_classes(ds) == 2
+    for split, make in (("train", transforms.pretrain_transform), ("train", transforms.finetune_transform),
+                        ("test", transforms.eval_transform)):
+        ds = datasets.build_dataset(cfg, split, make(cfg))
+        assert len(ds) == 8 and datasets.num_classes(ds) == 2
         for i in range(len(ds)):
             x, y = ds[i]
             assert x.shape == (in_chans, img_size, img_size) and x.dtype == torch.float32
@@ -275,7 +276,7 @@ def test_datasets_pickle_for_worker_processes(tmp_path, no_debian, skip_cifar_md
             data_cfg(root=str(tmp_path / "fm"), train_subset=5),
             data_cfg(dataset="cifar10", root=str(tmp_path / "cifar"), in_chans=3, img_size=32, download=False)]
     for cfg in cfgs:
-        ds = data.build_dataset(cfg, "train", data.eval_transform(cfg))
+        ds = datasets.build_dataset(cfg, "train", transforms.eval_transform(cfg))
         copy = pickle.loads(pickle.dumps(ds))
         assert torch.equal(copy[0][0], ds[0][0]) and copy[0][1] == ds[0][1]
 
@@ -288,16 +289,16 @@ def test_image_folder_missing_val(tmp_path):
         (tmp_path / "val" / cls).rmdir()
     (tmp_path / "val").rmdir()
     cfg = data_cfg(dataset="imagefolder", root=str(tmp_path), in_chans=3, img_size=32)
-    assert len(data.build_dataset(cfg, "train", None)) == 8
+    assert len(datasets.build_dataset(cfg, "train", None)) == 8
     with pytest.raises(FileNotFoundError, match="val") as err:
-        data.build_dataset(cfg, "test", None)
+        datasets.build_dataset(cfg, "test", None)
     assert str(tmp_path / "val") in str(err.value)
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped():
     img = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))  # [1, 3] mode I;16
-    assert np.asarray(data.to_mode(img, "L")).tolist() == [[0, 100, 255]]
-    assert np.asarray(data.to_mode(img, "RGB"))[0, 1].tolist() == [100, 100, 100]
+    assert np.asarray(images.to_mode(img, "L")).tolist() == [[0, 100, 255]]
+    assert np.asarray(images.to_mode(img, "RGB"))[0, 1].tolist() == [100, 100, 100]
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,14 +307,14 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
 def test_subsets_are_fixed_and_sized(tmp_path, no_debian):
     fake_fashion_mnist(tmp_path)
     cfg = data_cfg(root=str(tmp_path), train_subset=7, test_subset=3)
-    a = data.build_dataset(cfg, "train", as_uint8)
-    b = data.build_dataset(cfg, "train", None)
-    assert isinstance(a, Subset) and len(a) == 7 and len(data.build_dataset(cfg, "test", None)) == 3
+    a = datasets.build_dataset(cfg, "train", as_uint8)
+    b = datasets.build_dataset(cfg, "train", None)
+    assert isinstance(a, Subset) and len(a) == 7 and len(datasets.build_dataset(cfg, "test", None)) == 3
     assert a.indices == b.indices == sorted(a.indices) and len(set(a.indices)) == 7
     expected = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(0))[:7].sort().values
     assert a.indices == expected.tolist()
-    assert data.num_classes(a) == 10
-    assert len(data.build_dataset(data_cfg(root=str(tmp_path)), "train", None)) == N_TRAIN  # 0 = all
+    assert datasets.num_classes(a) == 10
+    assert len(datasets.build_dataset(data_cfg(root=str(tmp_path)), "train", None)) == N_TRAIN  # 0 = all
 
 
 @pytest.mark.parametrize("key", ["train_subset", "test_subset"])
@@ -321,30 +322,30 @@ def test_subset_too_large(tmp_path, no_debian, key):
     fake_fashion_mnist(tmp_path)
     cfg = data_cfg(root=str(tmp_path), **{key: 1000})
     with pytest.raises(ConfigError, match=f"data.{key}"):
-        data.build_dataset(cfg, key.split("_")[0], None)
+        datasets.build_dataset(cfg, key.split("_")[0], None)
 
 
 def test_unknown_split(tmp_path, no_debian):
     fake_fashion_mnist(tmp_path)
     with pytest.raises(ValueError, match="'validation'"):
-        data.build_dataset(data_cfg(root=str(tmp_path)), "validation", None)
+        datasets.build_dataset(data_cfg(root=str(tmp_path)), "validation", None)
 
 
 # --------------------------------------------------------------------------------------------
 # Transforms and normalisation
 # --------------------------------------------------------------------------------------------
 def test_normalisation_choices():
-    assert data.normalisation(data_cfg()) == ([0.2860], [0.3530])
-    assert data.normalisation(data_cfg(mean=[0.5], std=[0.25])) == ([0.5], [0.25])
-    mean, std = data.normalisation(data_cfg(dataset="imagefolder", root="x", in_chans=1))
+    assert transforms.normalisation(data_cfg()) == ([0.2860], [0.3530])
+    assert transforms.normalisation(data_cfg(mean=[0.5], std=[0.25])) == ([0.5], [0.25])
+    mean, std = transforms.normalisation(data_cfg(dataset="imagefolder", root="x", in_chans=1))
     assert mean == pytest.approx([(0.485 + 0.456 + 0.406) / 3]) and std == pytest.approx([(0.229 + 0.224 + 0.225) / 3])
-    assert data.normalisation(data_cfg(dataset="cifar10", in_chans=3)) == data.DATASET_STATS["cifar10"]
+    assert transforms.normalisation(data_cfg(dataset="cifar10", in_chans=3)) == transforms.DATASET_STATS["cifar10"]
 
 
 def test_pretrain_transform_shape_and_dtype():
     cfg = data_cfg(in_chans=3, img_size=32)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
-    x = data.pretrain_transform(cfg)(img)
+    x = transforms.pretrain_transform(cfg)(img)
     assert type(x) is torch.Tensor and x.shape == (3, 32, 32) and x.dtype == torch.float32
 
 
@@ -353,7 +354,7 @@ def test_eval_transform_is_deterministic():
     for size, shape in ((28, (28, 28)), (28, (50, 33)), (96, (120, 150))):
         cfg = data_cfg(img_size=size)
         img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
-        tf = data.eval_transform(cfg)
+        tf = transforms.eval_transform(cfg)
         a, b = tf(img), tf(img)
         assert a.shape == (1, size, size) and torch.equal(a, b)
 
@@ -361,14 +362,14 @@ def test_eval_transform_is_deterministic():
 def test_denormalise_inverts_normalise():
     cfg = data_cfg(dataset="cifar10", in_chans=3, img_size=32)
     images = torch.rand(4, 3, 32, 32)  # [B, C, H, W] in [0, 1]
-    mean, std = data.normalisation(cfg)
+    mean, std = transforms.normalisation(cfg)
     normalised = v2.functional.normalize(images, mean, std)  # [B, C, H, W]
-    assert torch.allclose(data.denormalise(normalised, cfg), images, atol=1e-6)
-    assert data.denormalise(normalised * 10, cfg).min() >= 0 and data.denormalise(normalised * 10, cfg).max() <= 1
+    assert torch.allclose(transforms.denormalise(normalised, cfg), images, atol=1e-6)
+    assert transforms.denormalise(normalised * 10, cfg).min() >= 0 and transforms.denormalise(normalised * 10, cfg).max() <= 1
     # on a whole pipeline: the eval transform at the native size is resize-free
     img = Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy())  # [32, 32, 3]
-    x = data.eval_transform(cfg)(img)  # [3, 32, 32]
-    assert torch.allclose(data.denormalise(x[None], cfg)[0], as_uint8(img) / 255.0, atol=1e-5)
+    x = transforms.eval_transform(cfg)(img)  # [3, 32, 32]
+    assert torch.allclose(transforms.denormalise(x[None], cfg)[0], as_uint8(img) / 255.0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,39 +383,39 @@ def _items(dataset) -> list[bytes]:
 def test_val_split_is_disjoint_from_train_fixed_and_complete(tmp_path, no_debian):
     fake_fashion_mnist(tmp_path)
     cfg = data_cfg(root=str(tmp_path), val_fraction=0.25, split_seed=3)
-    train, val = (data.build_dataset(cfg, s, as_uint8) for s in ("train", "val"))
+    train, val = (datasets.build_dataset(cfg, s, as_uint8) for s in ("train", "val"))
     assert (len(train), len(val)) == (15, 5)  # round(0.25 * 20) held out
-    whole = _items(data.build_dataset(data_cfg(root=str(tmp_path)), "train", as_uint8))
+    whole = _items(datasets.build_dataset(data_cfg(root=str(tmp_path)), "train", as_uint8))
     assert sorted(_items(train) + _items(val)) == sorted(whole)  # nothing lost, nothing twice
     assert not set(_items(train)) & set(_items(val))
-    again = data.build_dataset(cfg, "val", as_uint8)
+    again = datasets.build_dataset(cfg, "val", as_uint8)
     assert again.indices == val.indices  # fixed by split_seed
-    other = data.build_dataset(data_cfg(root=str(tmp_path), val_fraction=0.25, split_seed=4), "val", None)
+    other = datasets.build_dataset(data_cfg(root=str(tmp_path), val_fraction=0.25, split_seed=4), "val", None)
     assert other.indices != val.indices
-    assert len(data.build_dataset(cfg, "test", None)) == N_TEST  # the test split is untouched
+    assert len(datasets.build_dataset(cfg, "test", None)) == N_TEST  # the test split is untouched
 
 
 def test_val_split_is_taken_from_the_training_subset(tmp_path, no_debian):
     fake_fashion_mnist(tmp_path)
     cfg = data_cfg(root=str(tmp_path), train_subset=10, val_fraction=0.1)
-    train, val = (data.build_dataset(cfg, s, as_uint8) for s in ("train", "val"))
-    subset = _items(data.build_dataset(data_cfg(root=str(tmp_path), train_subset=10), "train", as_uint8))
+    train, val = (datasets.build_dataset(cfg, s, as_uint8) for s in ("train", "val"))
+    subset = _items(datasets.build_dataset(data_cfg(root=str(tmp_path), train_subset=10), "train", as_uint8))
     assert (len(train), len(val)) == (9, 1)
     assert sorted(_items(train) + _items(val)) == sorted(subset)
-    assert data.num_classes(val) == 10
+    assert datasets.num_classes(val) == 10
 
 
 def test_no_val_split_is_named_when_asked_for(tmp_path, no_debian):
     fake_fashion_mnist(tmp_path)
     with pytest.raises(ConfigError, match="data.val_fraction = 0"):
-        data.build_dataset(data_cfg(root=str(tmp_path)), "val", None)
+        datasets.build_dataset(data_cfg(root=str(tmp_path)), "val", None)
     with pytest.raises(ConfigError, match=r"data.val_fraction"):
         data_cfg(val_fraction=1.0)
 
 
 @pytest.mark.parametrize("n, fraction, expected", [(20, 0.1, 2), (20, 0.01, 1), (2, 0.9, 1), (1, 0.5, 0)])
 def test_train_val_indices_sizes(n, fraction, expected):
-    train, val = data.train_val_indices(n, fraction, seed=0)
+    train, val = datasets.train_val_indices(n, fraction, seed=0)
     assert len(val) == expected and len(train) == n - expected
     assert sorted(train + val) == list(range(n))
 
@@ -429,8 +430,8 @@ def test_pretraining_augmentation_is_torchvisions_bit_for_bit(in_chans, img_size
     """`CropFlipNormalise` is the v2 pipeline it replaces: the same tensors and the same RNG use."""
     cfg = data_cfg(img_size=img_size, in_chans=in_chans, hflip=hflip, mean=[0.3] * in_chans,
                    std=[0.2] * in_chans)
-    reference = v2.Compose(data._random_crop_flip(cfg, min_scale) + data._to_normalised_tensor(cfg))
-    fast = data.CropFlipNormalise(cfg, min_scale)
+    reference = v2.Compose(transforms._random_crop_flip(cfg, min_scale) + transforms._to_normalised_tensor(cfg))
+    fast = transforms.CropFlipNormalise(cfg, min_scale)
     rng = np.random.default_rng(0)
     mode = "L" if in_chans == 1 else "RGB"
     for seed in range(200):
@@ -466,11 +467,11 @@ def loader_batches(dataset, batch: int) -> list[tuple[torch.Tensor, torch.Tensor
 def test_eval_batches_are_the_dataloaders_tensors_bit_for_bit(tmp_path, no_debian, split, values):
     fake_fashion_mnist(tmp_path)
     cfg = data_cfg(root=str(tmp_path), download=False, **values)
-    dataset = data.build_dataset(cfg, split, data.eval_transform(cfg))
+    dataset = datasets.build_dataset(cfg, split, transforms.eval_transform(cfg))
     shard = Subset(dataset, range(1, len(dataset)))  # as a process shard wraps it once more
     for ds in (dataset, shard):
-        fast = data.eval_batches(ds, 4)
-        assert isinstance(fast, data.TensorBatches)
+        fast = datasets.eval_batches(ds, 4)
+        assert isinstance(fast, datasets.TensorBatches)
         expected = loader_batches(ds, 4)
         got = list(fast)
         assert len(fast) == len(got) == len(expected)
@@ -483,8 +484,8 @@ def test_eval_batches_are_the_dataloaders_tensors_bit_for_bit(tmp_path, no_debia
 def test_eval_batches_fall_back_to_a_dataloader_where_the_transform_does_more(tmp_path, no_debian, values):
     fake_fashion_mnist(tmp_path)
     cfg = data_cfg(root=str(tmp_path), download=False, **values)
-    dataset = data.build_dataset(cfg, "test", data.eval_transform(cfg))  # resized, or converted to RGB
-    batches = data.eval_batches(dataset, 4)
+    dataset = datasets.build_dataset(cfg, "test", transforms.eval_transform(cfg))  # resized, or converted to RGB
+    batches = datasets.eval_batches(dataset, 4)
     assert isinstance(batches, torch.utils.data.DataLoader)
     x, _ = next(iter(batches))
     assert x.shape == (4, cfg.in_chans, cfg.img_size, cfg.img_size)

@@ -1,4 +1,4 @@
-"""Tests of the dense (segmentation) linear probe (`pemae.dense`): scenes, the resized encoder,
+"""Tests of the dense (segmentation) linear probe (`pemae.eval.dense`): scenes, the resized encoder,
 the probe and its scores, on the tiny preset or synthetic tensors."""
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from conftest import needs_fashion_mnist, tiny_config
-from pemae import checkpoint
-from pemae.config import ConfigError, DenseConfig, build_config
-from pemae.data import build_dataset, source_indices, train_val_indices
-from pemae.dense import (LOGIT_BUDGET_BYTES, Scenes, band_logits, build_scenes, canvas_size,
-                         compose_scenes, confusion_matrix, dense_probe, dense_scores,
-                         draw_dense_predictions, draw_placements, label_colours, logit_chunks,
-                         mean_iou, paste, pixel_accuracy, pixel_logits, pixel_loss, predict_maps,
-                         resize_encoder, train_dense_probe)
-from pemae.encoder import build_encoder
-from pemae.pos_embed import sincos_2d
+from pemae.engine import checkpoint
+from pemae.config.schema import ConfigError, DenseConfig
+from pemae.config.params import build_config
+from pemae.data.datasets import build_dataset, source_indices, train_val_indices
+from pemae.eval.dense import (LOGIT_BUDGET_BYTES, band_logits, confusion_matrix, dense_probe,
+                              dense_scores, logit_chunks, mean_iou, pixel_accuracy, pixel_logits,
+                              pixel_loss, predict_maps, resize_encoder, train_dense_probe)
+from pemae.eval.scenes import (Scenes, build_scenes, canvas_size, compose_scenes, draw_placements,
+                               paste)
+from pemae.report.dense_maps import draw_dense_predictions, label_colours
+from pemae.models.encoder import build_encoder
+from pemae.models.pos_embed import sincos_2d
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from conftest import needs_fashion_mnist, tiny_config
 from device_guard import TrainingDeviceIsNotTheDefault
 
-from pemae import distributed
+from pemae.engine import distributed
 
 PRETRAIN_METHODS = {
     "mae": {"name": "mae"},
@@ -44,7 +44,7 @@ def test_the_guard_catches_a_tensor_made_without_its_device():
 
     loss = torch.ones((), device="cpu")
     assert log_row(loss)["loss"] == 1.0  # unguarded, the CPU cannot tell
-    import pemae.distributed as module  # run it as pemae code: compile the helper into its file
+    import pemae.engine.distributed as module  # run it as pemae code: compile the helper into its file
     code = compile("def log_row(loss):\n    return mean_over_processes({'loss': loss, "
                    "'temp': torch.tensor(0.04)})\n", module.__file__, "exec")
     scope = {"mean_over_processes": module.mean_over_processes, "torch": torch}
@@ -57,7 +57,7 @@ def test_the_guard_catches_a_tensor_made_without_its_device():
 @needs_fashion_mnist
 @pytest.mark.parametrize("method", PRETRAIN_METHODS)
 def test_pretraining_steps_make_no_tensor_off_the_device(method, tmp_path):
-    from pemae.pretrain import pretrain
+    from pemae.engine.pretrain import pretrain
 
     cfg = tiny_config(method=PRETRAIN_METHODS[method], **{k: dict(v) for k, v in FEW_STEPS.items()})
     _, summary = guarded(pretrain, cfg, tmp_path, progress=False)
@@ -66,9 +66,9 @@ def test_pretraining_steps_make_no_tensor_off_the_device(method, tmp_path):
 
 @needs_fashion_mnist
 def test_evaluation_fine_tuning_and_dense_probe_make_no_tensor_off_the_device(tiny_run, tmp_path):
-    from pemae.dense import dense_probe
-    from pemae.evaluate import evaluate_encoder
-    from pemae.finetune import finetune
+    from pemae.eval.dense import dense_probe
+    from pemae.eval.probes import evaluate_encoder
+    from pemae.engine.finetune import finetune
 
     encoder = tiny_run.out_dir / "encoder.pt"
     cfg = tiny_config(method={"name": "mae"}, evaluation={"linear_epochs": 1},

@@ -140,7 +140,7 @@ def test_the_docs_pages_the_readme_promises_exist():
 def test_readme_states_the_claims_exactly_as_the_table_does():
     """The README's claims block is generated from results/claims.json (`python -m pemae.results
     --readme`): a README that words a comparison more strongly than the table fails here."""
-    from pemae.results import readme_claims
+    from pemae.report.claims import readme_claims
 
     assert readme_claims(ROOT / "results" / "claims.json") in README.read_text(), (
         "README.md's claims block differs from results/claims.json: run python -m pemae.results --readme")
@@ -150,7 +150,7 @@ def test_readme_states_the_claims_exactly_as_the_table_does():
 def test_no_page_calls_a_claim_decided_that_the_table_does_not(page):
     """Outside the generated block too: a line that names a claim of params.yaml and a verdict
     word uses the table's verdict for that claim (and "does not hold", the old rule's words, never)."""
-    from pemae.results import decided_comparisons
+    from pemae.report.claims import decided_comparisons
 
     verdicts = {(claim, verdict) for (claim, _), verdict in decided_comparisons(ROOT / "results" / "claims.json").items()}
     claims = yaml.safe_load((ROOT / "params.yaml").read_text())["claims"]

@@ -20,14 +20,16 @@ import pytest
 import torch
 
 from conftest import needs_fashion_mnist, tiny_config
-from pemae import checkpoint
+from pemae.engine import checkpoint
 from pemae.cli import main as cli_main, parse_sets
-from pemae.config import ConfigError, config_differences
-from pemae.mae import MaskedAutoencoder
-from pemae.model import build_pretrain_model
-from pemae.pretrain import (NonFiniteLossError, micro_batch_size, pretrain, train_step)
-from pemae.runtime import MetricLog, amp_dtype, grad_scaler, read_log
-from pemae.sampling import GlobalBatchSampler, SeededViews
+from pemae.config.schema import ConfigError
+from pemae.config.params import config_differences
+from pemae.models.mae import MaskedAutoencoder
+from pemae.models.pemae import build_pretrain_model
+from pemae.engine.pretrain import NonFiniteLossError, pretrain, train_step
+from pemae.engine.batching import micro_batch_size
+from pemae.engine.runtime import MetricLog, amp_dtype, grad_scaler, read_log
+from pemae.engine.sampling import GlobalBatchSampler, SeededViews
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +107,7 @@ def test_resuming_the_sampler_continues_the_same_sequence():
 
 def test_seeded_views_do_not_depend_on_the_global_rng():
     cfg = tiny_config()
-    from pemae.data import pretrain_transform
+    from pemae.data.transforms import pretrain_transform
 
     dataset = FakeImages(pretrain_transform(cfg.data))
     views = SeededViews(dataset, seed=0, num_patches=49)
@@ -480,8 +482,8 @@ def test_every_logged_row_has_the_collapse_monitors(tmp_path):
     (1294, 1, 128, 128),  # the batch never splits into fewer images than micro-batches
 ])
 def test_small_data_halves_the_batch_until_an_epoch_has_enough_steps(images, world, accum, expected):
-    from pemae.config import build_config
-    from pemae.pretrain import batch_for_data
+    from pemae.config.params import build_config
+    from pemae.engine.batching import batch_for_data
 
     cfg = build_config("default", {"pretrain": {"accum_steps": accum}})
     got = batch_for_data(cfg, images, world)
@@ -508,7 +510,7 @@ def test_data_loader_workers_change_nothing_but_the_speed(tmp_path):
 def test_keeping_freed_memory_changes_no_result(tmp_path, monkeypatch):
     """glibc's malloc set to keep freed memory (`keep_freed_memory`, called by every run) moves
     where tensors live, not what they hold: the same run with the OS defaults gives the same bits."""
-    from pemae import distributed, runtime
+    from pemae.engine import distributed, runtime
 
     if not runtime.keep_freed_memory():
         pytest.skip("not glibc: the allocator settings do not apply")

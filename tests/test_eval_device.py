@@ -9,10 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pemae import distributed
-from pemae.config import EvalConfig
-from pemae.evaluate import (KNN_BUDGET_BYTES, extract_features, fit_on_cached, knn_accuracy,
-                            knn_chunk, knn_correct, readout_scores, share_scores)
+from pemae.engine import distributed
+from pemae.config.schema import EvalConfig
+from pemae.eval.probes import (KNN_BUDGET_BYTES, extract_features, fit_on_cached, knn_accuracy,
+                               knn_chunk, knn_correct, readout_scores, share_scores)
 
 torch.set_num_threads(1)
 

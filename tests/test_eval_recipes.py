@@ -15,14 +15,17 @@ from timm.data.mixup import mixup_target
 from torch import nn
 
 from conftest import needs_fashion_mnist, tiny_config
-from pemae import checkpoint, data, evaluate
-from pemae.config import ConfigError, build_config
-from pemae.encoder import build_encoder
-from pemae.evaluate import lars, probe_peak_lr, train_linear_probe
-from pemae.finetune import build_mixup, classification_loss, finetune
-from pemae.optim import set_lr
-from pemae.runtime import seed_everything
-from pemae.schedules import warmup_cosine
+from pemae.engine import checkpoint
+from pemae.eval import probes as evaluate
+from pemae.data import images, transforms
+from pemae.config.schema import ConfigError
+from pemae.config.params import build_config
+from pemae.models.encoder import build_encoder
+from pemae.eval.probes import lars, probe_peak_lr, train_linear_probe
+from pemae.engine.finetune import build_mixup, classification_loss, finetune
+from pemae.engine.optim import set_lr
+from pemae.engine.runtime import seed_everything
+from pemae.engine.schedules import warmup_cosine
 
 torch.set_num_threads(1)
 
@@ -119,9 +122,9 @@ def pil_image(mode, w=36, h=30, seed=0):
 def test_timm_transform_gives_the_configured_shape(in_chans, size):
     cfg = build_config("tiny", {"data": {"in_chans": in_chans, "img_size": size},
                                 "finetune": {**MAE_AUGMENT, "crop_min_scale": 0.08}})
-    transform = data.finetune_train_transform(cfg.data, cfg.finetune)
-    assert transform is not None and data.uses_timm_augmentation(cfg.finetune)
-    img = pil_image(data.channel_mode(in_chans))
+    transform = transforms.finetune_train_transform(cfg.data, cfg.finetune)
+    assert transform is not None and transforms.uses_timm_augmentation(cfg.finetune)
+    img = pil_image(images.channel_mode(in_chans))
     for seed in range(30):
         seed_everything(seed)  # timm's transforms draw from the global RNGs
         out = transform(img)  # [C, size, size]
@@ -133,7 +136,7 @@ def test_timm_transform_gives_the_configured_shape(in_chans, size):
                                     "augmix-m5-w4-d2", "3a"])
 def test_every_timm_policy_works_on_grayscale(policy):
     cfg = build_config("tiny", {"finetune": {"auto_augment": policy}})
-    transform = data.finetune_train_transform(cfg.data, cfg.finetune)
+    transform = transforms.finetune_train_transform(cfg.data, cfg.finetune)
     for seed in range(20):
         seed_everything(seed)
         assert transform(pil_image("L", seed=seed)).shape == (1, 28, 28)
@@ -141,8 +144,8 @@ def test_every_timm_policy_works_on_grayscale(policy):
 
 def test_posterize_to_zero_bits_gives_a_black_image_instead_of_an_error():
     cfg = build_config("tiny", {"finetune": MAE_AUGMENT})
-    transform = data.finetune_train_transform(cfg.data, cfg.finetune)
-    (op,) = [op for op in data.augment_ops(transform) if op.name == "PosterizeIncreasing"]
+    transform = transforms.finetune_train_transform(cfg.data, cfg.finetune)
+    (op,) = [op for op in transforms.augment_ops(transform) if op.name == "PosterizeIncreasing"]
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # RandAugment's strongest posterize
     for mode in ("L", "RGB"):
         out = op(pil_image(mode))
@@ -154,7 +157,7 @@ def test_an_unknown_policy_is_a_config_error_naming_the_key():
         build_config("tiny", {"finetune": {"auto_augment": "randaugment"}})
     cfg = build_config("tiny", {"finetune": {"auto_augment": "rand-q9"}})  # timm's parser refuses
     with pytest.raises(ConfigError, match="finetune.auto_augment = 'rand-q9'"):
-        data.finetune_train_transform(cfg.data, cfg.finetune)
+        transforms.finetune_train_transform(cfg.data, cfg.finetune)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,9 +166,9 @@ def test_an_unknown_policy_is_a_config_error_naming_the_key():
 @pytest.mark.parametrize("preset", ["tiny", "default"])
 def test_default_knobs_keep_the_light_transform_draw_for_draw(preset):
     cfg = build_config(preset)
-    assert not data.uses_timm_augmentation(cfg.finetune) and build_mixup(cfg.finetune, 10) is None
-    new = data.finetune_train_transform(cfg.data, cfg.finetune)
-    old = data.finetune_transform(cfg.data, cfg.finetune.crop_min_scale)
+    assert not transforms.uses_timm_augmentation(cfg.finetune) and build_mixup(cfg.finetune, 10) is None
+    new = transforms.finetune_train_transform(cfg.data, cfg.finetune)
+    old = transforms.finetune_transform(cfg.data, cfg.finetune.crop_min_scale)
     img = pil_image("L")
     for seed in range(5):
         torch.manual_seed(seed)

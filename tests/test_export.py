@@ -16,9 +16,9 @@ import pytest
 import timm
 import torch
 
-from pemae import checkpoint
-from pemae.config import build_config
-from pemae.encoder import TIMM_ARCH, build_encoder, encoder_kwargs
+from pemae.engine import checkpoint
+from pemae.config.params import build_config
+from pemae.models.encoder import TIMM_ARCH, build_encoder, encoder_kwargs
 
 
 def timm_from_file(path: Path, kwargs: dict, num_classes: int = 0) -> torch.nn.Module:
@@ -88,7 +88,7 @@ def test_timm_loads_the_encoder_under_a_new_head(tmp_path):
 
 
 def test_the_pretraining_stage_export_loads_with_timm(tiny_run):
-    path = tiny_run.out_dir / "encoder.pt"  # written by pemae.pretrain.pretrain, as in the pipeline
+    path = tiny_run.out_dir / "encoder.pt"  # written by pemae.engine.pretrain.pretrain, as in the pipeline
     kwargs = checkpoint.load(path)["kwargs"]
     vit = timm_from_file(path, kwargs)
     x = images(tiny_run.cfg)

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from pemae.config import build_config
-from pemae.cost import COST_VARIANTS
-from pemae.gpu_check import compute_estimate, flops_per_image, gpu_check, main, peak_tflops
+from pemae.config.params import build_config
+from pemae.perf.step_cost import COST_VARIANTS
+from pemae.perf.gpu import compute_estimate, flops_per_image, gpu_check, peak_tflops
+from pemae.gpu_check import main
 
 
 @pytest.fixture(scope="module")

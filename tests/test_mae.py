@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from pemae.config import build_config
-from pemae.encoder import build_encoder
-from pemae.mae import Masking, MaskedAutoencoder, gather_tokens, random_masking
-from pemae.optim import layer_decay_param_groups, param_groups, set_lr, vit_layer_id
-from pemae.pos_embed import sincos_1d, sincos_2d
-from pemae.schedules import warmup_cosine
+from pemae.config.params import build_config
+from pemae.models.encoder import build_encoder
+from pemae.models.mae import Masking, MaskedAutoencoder, random_masking
+from pemae.models.encoder import gather_tokens
+from pemae.engine.optim import layer_decay_param_groups, param_groups, set_lr, vit_layer_id
+from pemae.models.pos_embed import sincos_1d, sincos_2d
+from pemae.engine.schedules import warmup_cosine
 
 
 def tiny_model(**model) -> MaskedAutoencoder:

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pemae import maps
-from pemae.config import build_config
-from pemae.model import PEMAE, build_pretrain_model
+from pemae.report import maps
+from pemae.config.params import build_config
+from pemae.models.pemae import PEMAE, build_pretrain_model
 
 PEMAE_METHOD = {"name": "pemae", "num_prototypes": 16, "head_hidden_dim": 32,
                 "head_bottleneck_dim": 16}

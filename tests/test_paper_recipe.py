@@ -26,14 +26,16 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 
-from pemae import data, evaluate, finetune
-from pemae.config import build_config, flatten
+from pemae.eval import probes as evaluate
+from pemae.engine import finetune
+from pemae.data import transforms
+from pemae.config.params import build_config, flatten
 
 MAE_PRETRAIN = {  # Table 8, ViT-B/16, the default decoder of Table 1
     "data.dataset": "imagefolder",  # ImageNet-1K train/ and val/
     "data.img_size": 224,
     "data.in_chans": 3,
-    "data.mean": [],  # [] = ImageNet's statistics (pemae.data.DATASET_STATS), as MAE's
+    "data.mean": [],  # [] = ImageNet's statistics (pemae.data.transforms.DATASET_STATS), as MAE's
     "data.std": [],
     "data.crop_min_scale": 0.2,  # RandomResizedCrop(scale=(0.2, 1)) (main_pretrain.py)
     "data.hflip": True,
@@ -115,7 +117,7 @@ CODE_DIFFERENCES = {
                              "extraction over the processes and train once, on the device",
     "posterize": "timm's RandAugment posterize at magnitude 10 keeps 0 bits; Pillow 13 refuses "
                  "that, so pemae returns the black image older Pillow gave "
-                 "(pemae.data.BlackBelowOneBit)",
+                 "(pemae.data.transforms.BlackBelowOneBit)",
 }
 
 # PEMAE's own knobs (the MAE baseline run sets method.name=mae); the dense probe, an evaluation
@@ -174,14 +176,14 @@ def test_every_key_of_the_paper_preset_is_classified(resolved):
 
 
 def test_the_learning_rates_follow_the_linear_scaling_rule(paper):
-    from pemae.pretrain import peak_lr
+    from pemae.engine.batching import peak_lr
 
     assert math.isclose(peak_lr(paper.pretrain.batch_size, paper.pretrain.base_lr), 2.4e-3)
     assert math.isclose(peak_lr(paper.finetune.batch_size, paper.finetune.base_lr), 2e-3)
     assert math.isclose(evaluate.probe_peak_lr(paper.evaluation, 16384), 6.4)
     # the global batch is split into processes x accumulation, not changed by it: the same
     # recipe on 1, 2, 4 or 8 GPUs
-    from pemae.pretrain import with_accumulation
+    from pemae.engine.batching import with_accumulation
 
     for gpus, accum in ((1, 32), (2, 16), (4, 8), (8, 4)):
         resolved = with_accumulation(paper, gpus).pretrain
@@ -192,9 +194,9 @@ def test_the_learning_rates_follow_the_linear_scaling_rule(paper):
 def test_mae_constants_in_the_code():
     assert evaluate.LARS_MOMENTUM == 0.9  # Table 10: optimizer momentum 0.9
     assert evaluate.LARS_TRUST_COEFF == 0.001  # MAE's util/lars.py
-    assert (data.RE_MODE, data.RE_COUNT) == ("pixel", 1)  # main_finetune.py --remode, --recount
-    assert data.EVAL_CROP_RATIO == 0.875  # eval: resize 256, centre crop 224
-    assert data.DATASET_STATS["imagefolder"] == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert (transforms.RE_MODE, transforms.RE_COUNT) == ("pixel", 1)  # main_finetune.py --remode, --recount
+    assert transforms.EVAL_CROP_RATIO == 0.875  # eval: resize 256, centre crop 224
+    assert transforms.DATASET_STATS["imagefolder"] == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 def test_code_differences_are_named():
@@ -206,7 +208,7 @@ def test_code_differences_are_named():
 
 
 def test_the_paper_fine_tuning_transform_is_maes(paper):
-    transform = data.finetune_train_transform(paper.data, paper.finetune)
+    transform = transforms.finetune_train_transform(paper.data, paper.finetune)
     steps = transform.transforms
     crop = steps[0]
     assert crop.scale == (0.08, 1.0) and crop.size == (224, 224)

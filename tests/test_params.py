@@ -4,7 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from pemae.config import SECTIONS, Config, build_config, load_params
+from pemae.config.params import SECTIONS, build_config, load_params
+from pemae.config.schema import Config
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

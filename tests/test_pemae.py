@@ -1,4 +1,4 @@
-"""Unit tests of PEMAE (pemae.model / teachers / losses / heads): EMA teachers, single vs dual
+"""Unit tests of PEMAE (pemae.models.pemae / teachers / losses / heads): EMA teachers, single vs dual
 teachers, Sinkhorn and centering, the λ switches, frozen prototypes, the multifold teacher view,
 the config cross-checks, the untouched MAE path, and tiny end-to-end pretraining of every
 ablation variant. Tiny models, batches of a few random 1x28x28 images, K = 64 prototypes."""
@@ -15,18 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import needs_fashion_mnist, run_pretrain, tiny_config
-from pemae.config import ConfigError, build_config
-from pemae.encoder import build_encoder, encode_patches, gather_tokens
-from pemae.heads import LabellingHead
-from pemae.losses import centered_probs, pseudo_label_loss, sinkhorn_knopp, update_center
-from pemae.mae import MaskedAutoencoder, random_masking
-from pemae.model import (COLLAPSED_TARGET_RANK, COLLAPSED_TARGET_STD, MAX_RANK_ROWS, PEMAE,
-                         build_pretrain_model, collapse_report, effective_rank, teacher_features,
-                         teacher_temperature, target_monitors)
-from pemae.optim import param_groups
-from pemae.pretrain import train_step
-from pemae.runtime import read_log
-from pemae.teachers import EMATeacher, ema_momentum
+from pemae.config.schema import ConfigError
+from pemae.config.params import build_config
+from pemae.models.encoder import build_encoder, encode_patches, gather_tokens
+from pemae.models.heads import LabellingHead
+from pemae.models.losses import centered_probs, pseudo_label_loss, sinkhorn_knopp, update_center
+from pemae.models.mae import MaskedAutoencoder, random_masking
+from pemae.models.monitors import (COLLAPSED_TARGET_RANK, COLLAPSED_TARGET_STD, MAX_RANK_ROWS,
+                                   collapse_report, effective_rank, target_monitors)
+from pemae.models.pemae import PEMAE, build_pretrain_model, teacher_features
+from pemae.engine.schedules import teacher_temperature
+from pemae.engine.optim import param_groups
+from pemae.engine.pretrain import train_step
+from pemae.engine.runtime import read_log
+from pemae.models.teachers import EMATeacher
+from pemae.engine.schedules import ema_momentum
 
 SMALL_HEAD = {"num_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16}
 CPU = torch.device("cpu")
@@ -573,7 +576,7 @@ def test_loss_is_the_lambda_weighted_sum():
 def test_step_pieces_reproduce_the_loss_terms_of_forward(method):
     """`step_pieces` (what the walkthrough notebook shows) gives exactly the terms `forward` returns,
     and looking at a step in eval mode leaves the centres' statistics alone."""
-    from pemae.losses import token_reconstruction_loss
+    from pemae.models.losses import token_reconstruction_loss
 
     model = build(pemae_cfg(**{"lambda_rec": 0.5, "lambda_cls": 2.0, **method}))
     perturb_(model.teacher_set, seed=3)  # teachers apart from the student (and from each other)

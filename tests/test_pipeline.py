@@ -21,7 +21,7 @@ import timm
 import torch
 import yaml
 
-from pemae.config import build_config
+from pemae.config.params import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -13,11 +13,15 @@ import pytest
 import yaml
 from matplotlib.container import ErrorbarContainer
 
-from pemae import figures, results
-from pemae.results import (CLAIM_CELLS, RunPaths, ci_half_width, claim_verdicts, claims_markdown,
-                           decided_comparisons, gather, judge, judge_claims, judge_differences,
-                           paired_differences, paired_markdown, results_markdown, seeds_needed,
-                           summarise, t_quantile, write_claims, write_results)
+from pemae.models.monitors import collapse_thresholds
+from pemae.report import curves, figures
+from pemae.report import claims, stats
+from pemae.report.claims import (CLAIM_CELLS, claim_verdicts, claims_markdown, decided_comparisons,
+                                 judge_claims, write_claims)
+from pemae.report.gather import RunPaths, gather, seed_numbers
+from pemae.report.stats import ci_half_width, judge, judge_differences, seeds_needed, t_quantile
+from pemae.report.tables import paired_differences, paired_markdown, results_markdown, summarise
+from pemae.report.results_files import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -296,9 +300,9 @@ def test_figures_render_summary_rows_to_png(tree):
     assert first[1][1] - first[0][1] == pytest.approx(2 * T3 * 2.0 / math.sqrt(3))  # std 2, n 3
     assert "95% CI" in ax.get_title() and "n = 3 seeds per bar" in ax.get_title()
     assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == ["collapsed"] * 5  # pemae's bars
-    assert figures.save(fig, tree / "accuracy.png").stat().st_size > 1000
+    assert curves.save(fig, tree / "accuracy.png").stat().st_size > 1000
     table = figures.table_figure(summary, title="results")
-    assert figures.save(table, tree / "table.png").stat().st_size > 1000
+    assert curves.save(table, tree / "table.png").stat().st_size > 1000
     texts = {cell.get_text().get_text() for cell in table.axes[0].tables[0].get_celld().values()}
     assert "81.00 ± 1.00 (scratch)" in texts
 
@@ -306,16 +310,16 @@ def test_figures_render_summary_rows_to_png(tree):
 def test_curves_draw_the_reference_lines_the_caller_passes(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("step,cls_entropy,cls_perplexity\n0,6.9,900\n10,6.0,40\n20,5.0,3\n")
-    thresholds = figures.collapse_thresholds(1024)
+    thresholds = collapse_thresholds(1024)
     assert thresholds["cls_entropy"] == (math.log(1024), "uniform (log K)")
-    fig = figures.curves({"pemae/seed0": log}, ["cls_entropy", "cls_perplexity", "loss"], thresholds)
+    fig = curves.curves({"pemae/seed0": log}, ["cls_entropy", "cls_perplexity", "loss"], thresholds)
     entropy, perplexity, loss = fig.axes
     assert [line.get_label() for line in entropy.lines] == ["pemae/seed0", "uniform (log K)"]
     assert entropy.lines[1].get_ydata()[0] == pytest.approx(math.log(1024))
     assert perplexity.lines[1].get_ydata()[0] == 2.0 and perplexity.get_yscale() == "log"
     assert not loss.lines
-    assert not figures.curves({"a": log}, ["cls_perplexity"]).axes[0].lines[1:]  # no lines unless asked
-    assert figures.save(fig, tmp_path / "monitors.png").stat().st_size > 1000
+    assert not curves.curves({"a": log}, ["cls_perplexity"]).axes[0].lines[1:]  # no lines unless asked
+    assert curves.save(fig, tmp_path / "monitors.png").stat().st_size > 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +430,7 @@ def test_t_quantiles_match_the_conventions_table():
 def test_the_t_quantile_without_scipy_agrees_with_scipy(df):
     pytest.importorskip("scipy")
     for p in (0.80, 0.975):
-        assert results._t_quantile_fallback(p, df) == pytest.approx(t_quantile(p, df), abs=1e-4)
+        assert stats._t_quantile_fallback(p, df) == pytest.approx(t_quantile(p, df), abs=1e-4)
 
 
 @pytest.mark.parametrize("mean, sd, n, verdict", [
@@ -459,11 +463,11 @@ def test_judge_gives_the_interval_and_the_minimum_detectable_effect():
 
 
 def test_seeds_enough_is_the_stopping_rule():
-    assert results.seeds_enough({"verdict": "inconclusive", "n": 3, "half_width": 0.5}) is True
-    assert results.seeds_enough({"verdict": "inconclusive", "n": 9, "half_width": 0.51}) is False
-    assert results.seeds_enough({"verdict": "inconclusive", "n": 10, "half_width": 0.9}) is True
-    assert results.seeds_enough({"verdict": "too few seeds", "n": 1, "half_width": None}) is False
-    assert results.seeds_enough({"verdict": "not run"}) is None
+    assert claims.seeds_enough({"verdict": "inconclusive", "n": 3, "half_width": 0.5}) is True
+    assert claims.seeds_enough({"verdict": "inconclusive", "n": 9, "half_width": 0.51}) is False
+    assert claims.seeds_enough({"verdict": "inconclusive", "n": 10, "half_width": 0.9}) is True
+    assert claims.seeds_enough({"verdict": "too few seeds", "n": 1, "half_width": None}) is False
+    assert claims.seeds_enough({"verdict": "not run"}) is None
 
 
 def test_seeds_needed_is_the_smallest_n_for_the_half_width():
@@ -491,7 +495,7 @@ def test_every_seed_folder_is_read_and_pairs_use_the_shared_ones(tree):
     add_seed(tree, "mae", 3, 73.0, 92.0)
     add_seed(tree, "pemae", 9, 90.0, 94.0)  # a seed mae has not trained
     (RunPaths(tree, "mae", 5).root).mkdir(parents=True)  # an empty folder: not a trained seed
-    assert results.seed_numbers(tree, "pemae") == [0, 1, 2, 3, 9]
+    assert seed_numbers(tree, "pemae") == [0, 1, 2, 3, 9]
     rows = gather(tree, ["pemae", "mae"])
     assert sorted({r["seed"] for r in rows if r["run"] == "mae"}) == [0, 1, 2, 3]
     assert sorted({r["seed"] for r in gather(tree, ["pemae"], SEEDS)}) == SEEDS  # a list: only those

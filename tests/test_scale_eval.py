@@ -14,21 +14,21 @@ import pytest
 import torch
 
 from conftest import needs_fashion_mnist, tiny_config
-from pemae import checkpoint
-from pemae import finetune as finetune_module
+from pemae.engine import checkpoint
+from pemae.engine import finetune as finetune_module
 from pemae.cli import main as cli_main
-from pemae.config import ConfigError
-from pemae.evaluate import evaluate_encoder
-from pemae.finetune import finetune
-from pemae.model import build_pretrain_model
-from pemae.runtime import read_log
+from pemae.config.schema import ConfigError
+from pemae.eval.probes import evaluate_encoder
+from pemae.engine.finetune import finetune
+from pemae.models.pemae import build_pretrain_model
+from pemae.engine.runtime import read_log
 from test_engine import BIN, REPO, assert_same_weights, cli_env
 
 pytestmark = needs_fashion_mnist
 
 TINY_SETS = ["data.download=false", "pretrain.device=cpu", "evaluation.linear_epochs=2"]
 # randomness inside a step off (no flips, no crop jitter, no drop path): two processes then
-# equal one (each process draws its own crops, flips and drop path; see pemae.finetune)
+# equal one (each process draws its own crops, flips and drop path; see pemae.engine.finetune)
 DETERMINISTIC = {"data": {"hflip": False}, "finetune": {"drop_path": 0.0, "epochs": 2,
                                                         "checkpoint_every": 3}}
 

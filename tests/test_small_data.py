@@ -10,11 +10,13 @@ import yaml
 from PIL import Image
 from sklearn import datasets as sklearn_datasets
 
-from pemae import data, results
-from pemae.config import build_config, deep_merge
-from pemae.results import RunPaths
-from pemae.small_data import (check_not_worse_than_random, digits_overrides, undecided_against_random,
-                              write_check, write_digits_imagefolder)
+from pemae.data import datasets, transforms
+from pemae.report import gather, stats, tables
+from pemae.config.params import build_config, deep_merge
+from pemae.report.gather import RunPaths
+from pemae.studies.small_data import (check_not_worse_than_random, digits_overrides,
+                                      undecided_against_random, write_check,
+                                      write_digits_imagefolder)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +41,11 @@ def test_digits_folder_loads_through_the_imagefolder_path_at_any_size(digits_roo
     cfg = build_config("tiny", {"data": {"dataset": "imagefolder", "root": str(digits_root),
                                          "img_size": 32, "in_chans": 1, "train_subset": 0,
                                          "test_subset": 0}}).data
-    train, val, test = (data.build_dataset(cfg, s, data.eval_transform(cfg)) for s in data.SPLITS)
+    train, val, test = (datasets.build_dataset(cfg, s, transforms.eval_transform(cfg)) for s in datasets.SPLITS)
     assert (len(train) + len(val), len(test)) == (1797 - 359, 359)
     x, y = test[0]
     assert x.shape == (1, 32, 32) and 0 <= y < 10
-    assert data.num_classes(train) == 10
+    assert datasets.num_classes(train) == 10
 
 
 def test_writing_again_keeps_the_folder(digits_root):
@@ -67,8 +69,8 @@ def paired(tmp_path: Path, figures: dict[str, list[tuple[float, float]]]) -> lis
         for seed, (knn, finetune) in enumerate(per_seed):
             write_run(tmp_path, run, seed, knn, finetune)
     seeds = list(range(len(figures["random"])))
-    rows = results.gather(tmp_path, list(figures), seeds, "test")
-    return results.paired_differences(rows, [[run, "random"] for run in figures if run != "random"])
+    rows = gather.gather(tmp_path, list(figures), seeds, "test")
+    return tables.paired_differences(rows, [[run, "random"] for run in figures if run != "random"])
 
 
 def test_one_seed_gives_no_verdict_so_a_drop_is_undecided_not_failed(tmp_path):
@@ -162,4 +164,4 @@ def test_the_committed_small_data_figures_pass_under_the_verdict_rule():
     for split in ("val", "test"):
         for key, row in summary[split]["paired"].items():
             sd = row.get("sd", row.get("std"))  # "std": written before the verdict rule changed
-            assert results.judge(row["mean"], sd, row["n"])["verdict"] != "reversed", (split, key)
+            assert stats.judge(row["mean"], sd, row["n"])["verdict"] != "reversed", (split, key)

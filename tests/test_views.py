@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from pemae.data import pretrain_transform
-from pemae.losses import pseudo_label_loss
-from pemae.mae import random_masking
-from pemae.model import build_pretrain_model, num_views, stand_in_view2, teacher_cls
-from pemae.pretrain import train_step
-from pemae.optim import param_groups
-from pemae.sampling import SeededViews
+from pemae.data.transforms import pretrain_transform
+from pemae.models.losses import pseudo_label_loss
+from pemae.models.mae import random_masking
+from pemae.models.pemae import build_pretrain_model, num_views, stand_in_view2, teacher_cls
+from pemae.engine.pretrain import train_step
+from pemae.engine.optim import param_groups
+from pemae.engine.sampling import SeededViews
 from test_engine import FakeImages
 
 SMALL_HEAD = {"num_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16}
@@ -49,7 +49,7 @@ def test_only_a_pemae_with_cls_pseudo_labels_takes_two_views(method, views):
 
 
 def test_views_must_be_one_or_two_naming_the_key():
-    from pemae.config import ConfigError
+    from pemae.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="method.views"):
         tiny_config(method={"views": 3})
