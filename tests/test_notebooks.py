@@ -1,5 +1,6 @@
 """The notebooks as stored in git, and one run through papermill with injected parameters."""
 
+import ast
 import json
 from pathlib import Path
 
@@ -8,15 +9,15 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").rglob("*.ipynb"))
 
 
-def test_there_are_the_pipeline_and_study_notebooks():
-    names = [p.name for p in NOTEBOOKS]
+def test_the_pipeline_notebooks_are_numbered_in_pipeline_order_and_the_studies_apart():
+    names = [str(p.relative_to(ROOT / "notebooks")) for p in NOTEBOOKS]
     assert names == ["00_walkthrough.ipynb", "01_pretrain.ipynb", "02_evaluate.ipynb",
-                     "03_finetune.ipynb", "04_figures.ipynb", "05_cost.ipynb",
-                     "06_small_data.ipynb", "07_finetune_curve.ipynb", "08_claims.ipynb",
-                     "09_dense.ipynb", "10_budget.ipynb"]
+                     "03_finetune.ipynb", "04_dense.ipynb", "05_figures.ipynb", "06_cost.ipynb",
+                     "studies/budget.ipynb", "studies/claims.ipynb", "studies/finetune_curve.ipynb",
+                     "studies/small_data.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -27,7 +28,26 @@ def test_notebook_is_stripped_and_has_one_parameters_cell(path):
         f"{path.name} has stored outputs: strip them before committing"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
-    assert 'preset = "tiny"' in "".join(tagged[0]["source"]), "parameters must default to the tiny preset"
+    source = "".join(tagged[0]["source"])
+    assert "preset" not in parameter_names(source) or 'preset = "tiny"' in source, \
+        "parameters must default to the tiny preset"
+
+
+def parameter_names(source: str) -> list[str]:
+    return [node.targets[0].id for node in ast.parse(source).body if isinstance(node, ast.Assign)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_parameters_cell_declares_only_what_the_notebook_uses(path):
+    """DVC injects all of params.yaml; the parameters cell lists the keys this notebook reads."""
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    tagged = next(c for c in code if "parameters" in c.get("metadata", {}).get("tags", []))
+    used = {node.id for c in code if c is not tagged
+            for node in ast.walk(ast.parse("\n".join(line for line in "".join(c["source"]).splitlines()
+                                                     if not line.lstrip().startswith(("%", "!")))))
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    unused = [name for name in parameter_names("".join(tagged["source"])) if name not in used]
+    assert not unused, f"{path.name} declares parameters it never reads: {unused}"
 
 
 def test_pretrain_notebook_runs_through_papermill_with_injected_parameters(tmp_path):
@@ -78,7 +98,7 @@ def test_stages_run_notebooks_quietly_with_the_pemae_engine(tmp_path):
     stages = (ROOT / "dvc.yaml").read_text() + (ROOT / "study" / "dvc.yaml").read_text()
     assert "papermill notebooks/" not in stages and "papermill --engine pemae notebooks/" in stages
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "papermill"), str(ROOT / "notebooks" / "08_claims.ipynb"),
+        [str(Path(sys.executable).parent / "papermill"), str(ROOT / "notebooks" / "studies" / "claims.ipynb"),
          str(tmp_path / "out.ipynb"), "--engine", "pemae", "-p", "results_dir", str(tmp_path),
          "--no-progress-bar"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -539,10 +539,10 @@ def test_no_committed_verdict_is_decided_where_its_interval_contains_zero():
 
 
 def test_the_committed_claims_follow_from_the_committed_per_seed_files():
-    """Regenerate with study/dvc.yaml:claims (notebooks/08_claims.ipynb) when a seed is added."""
+    """Regenerate with study/dvc.yaml:claims (notebooks/studies/claims.ipynb) when a seed is added."""
     claims = yaml.safe_load((REPO / "params.yaml").read_text())["claims"]
     recomputed = judge_claims([REPO / "results", REPO / "results" / "extra_seeds",
-                               REPO / "results" / "ablations"], claims)  # as notebook 08
+                               REPO / "results" / "ablations"], claims)  # as notebooks/studies/claims.ipynb
     committed = committed_claims()
     for split, rows in recomputed.items():
         assert set(committed[split]) == {f"{r['a']}-{r['b']}" for r in rows}

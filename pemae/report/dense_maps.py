@@ -22,7 +22,7 @@ FIGURE_SCENES = 6  # test scenes whose predicted maps the pipeline keeps for its
 
 def figure_maps(run: DenseProbeRun) -> dict:
     """What the figures notebook draws for a run (`dense_maps.pt`): the first `FIGURE_SCENES`
-    test scenes, their ground truth and the run's predicted maps (as notebook 09 saves them)."""
+    test scenes, their ground truth and the run's predicted maps (as notebook 04 saves them)."""
     test = build_scenes(run.cfg, "test")
     shown = test.pixels[:FIGURE_SCENES].clone()  # [S, C, H, W]; a copy: a slice saves every scene
     return {"scenes": shown, "truth": test.labels[:FIGURE_SCENES].to(torch.int16),

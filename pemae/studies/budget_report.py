@@ -1,4 +1,4 @@
-"""The budget study's report (notebooks/10_budget.ipynb): the results per pretraining budget, the
+"""The budget study's report (notebooks/studies/budget.ipynb): the results per pretraining budget, the
 claims judged at each budget and at about equal compute, the long fine-tunes, the collapse
 monitors along the budget, and the figures.
 
