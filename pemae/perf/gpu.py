@@ -89,7 +89,7 @@ def flop_counter() -> FlopCounterMode:
 
 
 def _optimizer(model: nn.Module, cfg: Config, batch: int) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`, as `pemae.cost` and `pemae.engine.pretrain` build it."""
+    """AdamW over `param_groups`, as `pemae.perf.step_cost` and `pemae.engine.pretrain` build it."""
     pc = cfg.pretrain
     return torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=peak_lr(batch, pc.base_lr),
                              betas=tuple(pc.betas))

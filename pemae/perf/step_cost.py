@@ -5,7 +5,7 @@ it in one process, on one fixed batch, with the same training step as `pemae.eng
 backward, AdamW step, the teachers' EMA update):
 
     from pemae.config.params import build_config
-    from pemae.cost import measure_step_cost
+    from pemae.perf.step_cost import measure_step_cost
     rows = measure_step_cost(build_config("default"), warmup=2, steps=6)   # prints a table
 
 or `python -m pemae.cost --preset default --warmup 2 --steps 6`.
@@ -16,7 +16,7 @@ rotates, so slow drifts or bursts of noise on a shared machine hit every variant
 variant's step time is the median over its rounds.
 
 The measuring helpers take any implementation as a `Contender` (a model, its optimiser and a
-zero-argument `run_step`), so `pemae.bench` times the Hugging Face and lightly peers with the
+zero-argument `run_step`), so `pemae.perf.benchmark` times the Hugging Face and lightly peers with the
 same warm-up, memory accounting and interleaved rounds as pemae's own variants.
 """
 

@@ -4,7 +4,7 @@ monitors along the budget, and the figures.
 
 Rows are `pemae.report.gather.gather` rows with an `epochs` key: the pipeline's budget from the
 pipeline's folders, the others from the study's (`pemae.studies.budget`), the references (random encoder,
-raw pixels) at epochs 0. Every verdict is `pemae.results`' rule (paired by seed, 95% t interval).
+raw pixels) at epochs 0. Every verdict is `pemae.report.stats`' rule (paired by seed, 95% t interval).
 """
 
 from __future__ import annotations
