@@ -1,0 +1,1 @@
+"""The configuration: typed dataclasses, presets, and reading params.yaml."""

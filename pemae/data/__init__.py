@@ -1,0 +1,1 @@
+"""The data: built-in sets and image folders, transforms, splits and evaluation batches."""

@@ -1,0 +1,1 @@
+"""The method: the ViT encoder, MAE, PEMAE with its heads, teachers and losses, and the collapse monitors."""

@@ -1,0 +1,1 @@
+"""Performance: the step cost per method, the peer benchmark, the GPU check and smoke run."""
