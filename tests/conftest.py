@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pemae.data import datasets, sources
-from pemae.config.schema import Config
 from pemae.config.params import build_config
+from pemae.config.schema import Config
+from pemae.data import datasets, sources
 
 
 def fashion_mnist_installed() -> bool:

@@ -35,8 +35,8 @@ FACTORIES = {torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.zeros, to
 HOST_PACKAGES = {"data", "config", "report", "perf", "studies"}
 HOST_MODULES = {"engine/sampling", "models/pos_embed", "bench", "cost", "gpu_check", "results"}
 # host-side functions of mixed modules: the dense probe's scene composition
-HOST_FUNCTIONS = {("eval/scenes", name) for name in ("draw_placements", "compose_scenes", "load_items",
-                                                      "build_scenes")}
+HOST_FUNCTIONS = {("eval/scenes", name)
+                  for name in ("draw_placements", "compose_scenes", "load_items", "build_scenes")}
 
 
 def pemae_caller() -> tuple[str, str, int] | None:

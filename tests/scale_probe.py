@@ -11,16 +11,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pemae.engine import checkpoint, distributed, finetune as finetune_module
 from pemae.config.params import build_config
 from pemae.data.datasets import build_dataset
 from pemae.data.transforms import eval_transform
-from pemae.eval.scenes import build_scenes
+from pemae.engine import checkpoint, distributed, finetune as finetune_module
+from pemae.engine.finetune import accuracy, classifier_from_encoder, finetune, split_accuracy
 from pemae.eval.dense import (dense_probe_encoder, patch_features, resize_encoder,
                               sharded_patch_features)
 from pemae.eval.probes import (encoder_readouts, evaluate_features, extract_features, knn_accuracy,
                                split_features)
-from pemae.engine.finetune import accuracy, classifier_from_encoder, finetune, split_accuracy
+from pemae.eval.scenes import build_scenes
 
 SINGLE = distributed.Processes()
 

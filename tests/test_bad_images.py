@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from pemae.data import datasets, transforms
 from pemae.config.params import build_config
-from pemae.data.images import BadImageError
+from pemae.data import datasets, transforms
 from pemae.data.datasets import skipped_images
+from pemae.data.images import BadImageError
 
 IMG_SIZE = 32
 

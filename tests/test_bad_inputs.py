@@ -21,13 +21,12 @@ import torch
 from PIL import Image
 
 from conftest import needs_fashion_mnist
-from pemae.engine import checkpoint
 from pemae.cli import build_parser, main as cli_main, parse_sets, resolve
 from pemae.config.params import build_config, config_differences
-from pemae.models.mae import MaskedAutoencoder
-from pemae.engine.state import PRETRAIN_SECTIONS, RESUMABLE_KEYS
-from pemae.engine.pretrain import NonFiniteLossError, pretrain
+from pemae.engine import checkpoint
+from pemae.engine.pretrain import PRETRAIN_SECTIONS, RESUMABLE_KEYS, NonFiniteLossError, pretrain
 from pemae.engine.runtime import read_log
+from pemae.models.mae import MaskedAutoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 

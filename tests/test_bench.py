@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from pemae import bench
+from pemae.config.params import build_config
 from pemae.engine import runtime
 from pemae.perf import benchmark, peers, step_cost
-from pemae.config.params import build_config
 from pemae.perf.step_cost import COST_VARIANTS, build_variant
 
 BATCH = 16
@@ -31,7 +31,7 @@ def params(module: nn.Module, trainable_only: bool = False) -> int:
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     report = benchmark.run_benchmark(["tiny"], rounds=1, warmup=1, steps=1, device="cpu", out=out,
-                                 batch_size=BATCH, verbose=False)
+                                     batch_size=BATCH, verbose=False)
     return report, out
 
 

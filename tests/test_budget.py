@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pemae.config.params import build_config, config_for_run, named_runs, read_params
+from pemae.config.schema import ConfigError
+from pemae.report.stats import judge_differences
 from pemae.studies.budget import PARTS, BudgetConfig, Job, job_config, jobs
 from pemae.studies.budget_report import equal_compute_pairs
-from pemae.config.schema import ConfigError
-from pemae.config.params import build_config, config_for_run, named_runs, read_params
-from pemae.report.stats import judge_differences
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,17 +3,16 @@ same model, and the encoder export loads into plain timm."""
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import yaml
 
-import pytest
-
-from pemae.engine import checkpoint
 from pemae.config.params import build_config
+from pemae.engine import checkpoint
+from pemae.engine.optim import param_groups
 from pemae.models.encoder import TIMM_ARCH, build_encoder
 from pemae.models.mae import MaskedAutoencoder, random_masking
-from pemae.engine.optim import param_groups
 
 
 def sample_images(n=4, seed=0):

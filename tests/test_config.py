@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from pemae.config.params import SECTIONS, build_config, config_for_run, deep_merge, load_params
+from pemae.config.presets import PRESETS
 from pemae.config.schema import Config, ConfigError
 from pemae.models.mae import MaskedAutoencoder
-from pemae.config.presets import PRESETS
 
 
 def config_error(sections=None, preset="default", run_overrides=None) -> str:

@@ -16,9 +16,9 @@ from PIL import Image
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
-from pemae.data import datasets, images, sources, transforms
-from pemae.config.schema import ConfigError
 from pemae.config.params import build_config
+from pemae.config.schema import ConfigError
+from pemae.data import datasets, images, sources, transforms
 
 N_TRAIN, N_TEST = 20, 10
 

@@ -5,24 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
 
+import matplotlib.pyplot as plt
+
 from conftest import needs_fashion_mnist, tiny_config
-from pemae.engine import checkpoint
-from pemae.config.schema import ConfigError, DenseConfig
 from pemae.config.params import build_config
+from pemae.config.schema import ConfigError, DenseConfig
 from pemae.data.datasets import build_dataset, source_indices, train_val_indices
+from pemae.engine import checkpoint
 from pemae.eval.dense import (LOGIT_BUDGET_BYTES, band_logits, confusion_matrix, dense_probe,
                               dense_scores, logit_chunks, mean_iou, pixel_accuracy, pixel_logits,
                               pixel_loss, predict_maps, resize_encoder, train_dense_probe)
 from pemae.eval.scenes import (Scenes, build_scenes, canvas_size, compose_scenes, draw_placements,
                                paste)
-from pemae.report.dense_maps import draw_dense_predictions, label_colours
 from pemae.models.encoder import build_encoder
 from pemae.models.pos_embed import sincos_2d
+from pemae.report.dense_maps import draw_dense_predictions, label_colours
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import torch
 
 from conftest import needs_fashion_mnist, tiny_config
 from device_guard import TrainingDeviceIsNotTheDefault
-
 from pemae.engine import distributed
 
 PRETRAIN_METHODS = {

@@ -20,16 +20,16 @@ import pytest
 import torch
 
 from conftest import needs_fashion_mnist, tiny_config
-from pemae.engine import checkpoint
 from pemae.cli import main as cli_main, parse_sets
-from pemae.config.schema import ConfigError
 from pemae.config.params import config_differences
-from pemae.models.mae import MaskedAutoencoder
-from pemae.models.pemae import build_pretrain_model
-from pemae.engine.pretrain import NonFiniteLossError, pretrain, train_step
+from pemae.config.schema import ConfigError
+from pemae.engine import checkpoint
 from pemae.engine.batching import micro_batch_size
+from pemae.engine.pretrain import NonFiniteLossError, pretrain, train_step
 from pemae.engine.runtime import MetricLog, amp_dtype, grad_scaler, read_log
 from pemae.engine.sampling import GlobalBatchSampler, SeededViews
+from pemae.models.mae import MaskedAutoencoder
+from pemae.models.pemae import build_pretrain_model
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]

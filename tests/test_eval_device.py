@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pemae.engine import distributed
 from pemae.config.schema import EvalConfig
+from pemae.engine import distributed
 from pemae.eval.probes import (KNN_BUDGET_BYTES, extract_features, fit_on_cached, knn_accuracy,
                                knn_chunk, knn_correct, readout_scores, share_scores)
 

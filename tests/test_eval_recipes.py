@@ -15,17 +15,17 @@ from timm.data.mixup import mixup_target
 from torch import nn
 
 from conftest import needs_fashion_mnist, tiny_config
-from pemae.engine import checkpoint
-from pemae.eval import probes as evaluate
-from pemae.data import images, transforms
-from pemae.config.schema import ConfigError
 from pemae.config.params import build_config
-from pemae.models.encoder import build_encoder
-from pemae.eval.probes import lars, probe_peak_lr, train_linear_probe
+from pemae.config.schema import ConfigError
+from pemae.data import images, transforms
+from pemae.engine import checkpoint
 from pemae.engine.finetune import build_mixup, classification_loss, finetune
 from pemae.engine.optim import set_lr
 from pemae.engine.runtime import seed_everything
 from pemae.engine.schedules import warmup_cosine
+from pemae.eval import probes as evaluate
+from pemae.eval.probes import lars, probe_peak_lr, train_linear_probe
+from pemae.models.encoder import build_encoder
 
 torch.set_num_threads(1)
 

@@ -16,8 +16,8 @@ import pytest
 import timm
 import torch
 
-from pemae.engine import checkpoint
 from pemae.config.params import build_config
+from pemae.engine import checkpoint
 from pemae.models.encoder import TIMM_ARCH, build_encoder, encoder_kwargs
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from pemae.config.params import build_config
-from pemae.perf.step_cost import COST_VARIANTS
-from pemae.perf.gpu import compute_estimate, flops_per_image, gpu_check, peak_tflops
 from pemae.gpu_check import main
+from pemae.perf.gpu import compute_estimate, flops_per_image, gpu_check, peak_tflops
+from pemae.perf.step_cost import COST_VARIANTS
 
 
 @pytest.fixture(scope="module")

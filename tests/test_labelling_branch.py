@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import needs_fashion_mnist, run_pretrain, tiny_config
-from pemae.models.pemae import PEMAE
 from pemae.engine.runtime import read_log
+from pemae.models.pemae import PEMAE
 
 STEPS = 16  # two tiny epochs of 8 steps (512 images, batch 64)
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from pemae.config.params import build_config
-from pemae.models.encoder import build_encoder
-from pemae.models.mae import Masking, MaskedAutoencoder, random_masking
-from pemae.models.encoder import gather_tokens
 from pemae.engine.optim import layer_decay_param_groups, param_groups, set_lr, vit_layer_id
-from pemae.models.pos_embed import sincos_1d, sincos_2d
 from pemae.engine.schedules import warmup_cosine
+from pemae.models.encoder import build_encoder
+from pemae.models.encoder import gather_tokens
+from pemae.models.mae import Masking, MaskedAutoencoder, random_masking
+from pemae.models.pos_embed import sincos_1d, sincos_2d
 
 
 def tiny_model(**model) -> MaskedAutoencoder:

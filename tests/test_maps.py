@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-
-import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pemae.report import maps
+import matplotlib.pyplot as plt
+
 from pemae.config.params import build_config
 from pemae.models.pemae import PEMAE, build_pretrain_model
+from pemae.report import maps
 
 PEMAE_METHOD = {"name": "pemae", "num_prototypes": 16, "head_hidden_dim": 32,
                 "head_bottleneck_dim": 16}

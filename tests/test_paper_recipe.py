@@ -26,10 +26,10 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 
-from pemae.eval import probes as evaluate
-from pemae.engine import finetune
-from pemae.data import transforms
 from pemae.config.params import build_config, flatten
+from pemae.data import transforms
+from pemae.engine import finetune
+from pemae.eval import probes as evaluate
 
 MAE_PRETRAIN = {  # Table 8, ViT-B/16, the default decoder of Table 1
     "data.dataset": "imagefolder",  # ImageNet-1K train/ and val/

@@ -15,8 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import needs_fashion_mnist, run_pretrain, tiny_config
-from pemae.config.schema import ConfigError
 from pemae.config.params import build_config
+from pemae.config.schema import ConfigError
+from pemae.engine.optim import param_groups
+from pemae.engine.pretrain import train_step
+from pemae.engine.runtime import read_log
+from pemae.engine.schedules import teacher_temperature
+from pemae.engine.schedules import ema_momentum
 from pemae.models.encoder import build_encoder, encode_patches, gather_tokens
 from pemae.models.heads import LabellingHead
 from pemae.models.losses import centered_probs, pseudo_label_loss, sinkhorn_knopp, update_center
@@ -24,12 +29,7 @@ from pemae.models.mae import MaskedAutoencoder, random_masking
 from pemae.models.monitors import (COLLAPSED_TARGET_RANK, COLLAPSED_TARGET_STD, MAX_RANK_ROWS,
                                    collapse_report, effective_rank, target_monitors)
 from pemae.models.pemae import PEMAE, build_pretrain_model, teacher_features
-from pemae.engine.schedules import teacher_temperature
-from pemae.engine.optim import param_groups
-from pemae.engine.pretrain import train_step
-from pemae.engine.runtime import read_log
 from pemae.models.teachers import EMATeacher
-from pemae.engine.schedules import ema_momentum
 
 SMALL_HEAD = {"num_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16}
 CPU = torch.device("cpu")

@@ -5,12 +5,13 @@ and the committed claims table recomputed from the committed per-seed files."""
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+
 from matplotlib.container import ErrorbarContainer
 
 from pemae.models.monitors import collapse_thresholds
@@ -19,9 +20,9 @@ from pemae.report import claims, stats
 from pemae.report.claims import (CLAIM_CELLS, claim_verdicts, claims_markdown, decided_comparisons,
                                  judge_claims, write_claims)
 from pemae.report.gather import RunPaths, gather, seed_numbers
+from pemae.report.results_files import write_results
 from pemae.report.stats import ci_half_width, judge, judge_differences, seeds_needed, t_quantile
 from pemae.report.tables import paired_differences, paired_markdown, results_markdown, summarise
-from pemae.report.results_files import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 

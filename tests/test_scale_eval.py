@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import needs_fashion_mnist, tiny_config
-from pemae.engine import checkpoint
-from pemae.engine import finetune as finetune_module
 from pemae.cli import main as cli_main
 from pemae.config.schema import ConfigError
-from pemae.eval.probes import evaluate_encoder
+from pemae.engine import checkpoint
+from pemae.engine import finetune as finetune_module
 from pemae.engine.finetune import finetune
-from pemae.models.pemae import build_pretrain_model
 from pemae.engine.runtime import read_log
+from pemae.eval.probes import evaluate_encoder
+from pemae.models.pemae import build_pretrain_model
 from test_engine import BIN, REPO, assert_same_weights, cli_env
 
 pytestmark = needs_fashion_mnist

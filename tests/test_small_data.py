@@ -10,9 +10,9 @@ import yaml
 from PIL import Image
 from sklearn import datasets as sklearn_datasets
 
+from pemae.config.params import build_config, deep_merge
 from pemae.data import datasets, transforms
 from pemae.report import gather, stats, tables
-from pemae.config.params import build_config, deep_merge
 from pemae.report.gather import RunPaths
 from pemae.studies.small_data import (check_not_worse_than_random, digits_overrides,
                                       undecided_against_random, write_check,

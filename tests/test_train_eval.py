@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from conftest import fashion_mnist_installed, needs_fashion_mnist, run_pretrain, tiny_config
-from pemae.engine import checkpoint
-from pemae.config.schema import ConfigError, EvalConfig
 from pemae.config.params import build_config
-from pemae.models.encoder import build_encoder
+from pemae.config.schema import ConfigError, EvalConfig
+from pemae.engine import checkpoint
 from pemae.engine import finetune as finetune_module
-from pemae.eval.probes import (encoder_readouts, evaluate_encoder, evaluate_pixels, knn_accuracy,
-                               linear_probe_accuracy, pixel_readout)
-from pemae.engine.finetune import classifier_from_encoder, finetune, protocol
 from pemae.engine.batching import peak_lr
+from pemae.engine.finetune import classifier_from_encoder, finetune, protocol
 from pemae.engine.pretrain import pretrain
 from pemae.engine.runtime import MetricLog, pick_device, read_log
 from pemae.engine.schedules import warmup_cosine
+from pemae.eval.probes import (encoder_readouts, evaluate_encoder, evaluate_pixels, knn_accuracy,
+                               linear_probe_accuracy, pixel_readout)
+from pemae.models.encoder import build_encoder
 
 MAE = {"name": "mae"}  # these tests are about the MAE baseline's loop and checkpoints
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from pemae.data.transforms import pretrain_transform
+from pemae.engine.optim import param_groups
+from pemae.engine.pretrain import train_step
+from pemae.engine.sampling import SeededViews
 from pemae.models.losses import pseudo_label_loss
 from pemae.models.mae import random_masking
 from pemae.models.pemae import build_pretrain_model, num_views, stand_in_view2, teacher_cls
-from pemae.engine.pretrain import train_step
-from pemae.engine.optim import param_groups
-from pemae.engine.sampling import SeededViews
 from test_engine import FakeImages
 
 SMALL_HEAD = {"num_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16}

@@ -344,8 +344,8 @@ def _finetune(cfg: Config, encoder_path: str | Path, out_dir: Path, progress: bo
     lr = peak_lr(fc.batch_size, fc.base_lr)
     warmup_steps = warmup_step_count(fc.warmup_epochs, steps_per_epoch, total_steps)
     seed_process(fc.seed, procs.rank)  # after the model: the same initial weights everywhere
-    start_step, seconds_before = resume_finetuning(out_dir, cfg, steps_per_epoch, model, optimizer, generator,
-                                        train_loader.batch_sampler, procs)
+    start_step, seconds_before = resume_finetuning(out_dir, cfg, steps_per_epoch, model, optimizer,
+                                                   generator, train_loader.batch_sampler, procs)
     net = distributed.wrap(model, procs, device)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +364,7 @@ def _finetune(cfg: Config, encoder_path: str | Path, out_dir: Path, progress: bo
                             desc=f"finetune epoch {epoch + 1}"):
             set_lr(optimizer, warmup_cosine(step, total_steps, lr, fc.min_lr, warmup_steps))
             loss = classifier_step(net, optimizer, imgs, y, mixup, fc.label_smoothing, device,
-                              cfg.pretrain.amp, accum, scaler)
+                                   cfg.pretrain.amp, accum, scaler)
             step += 1
             if checkpoint_due(fc, step, total_steps) and step % steps_per_epoch:  # mid-epoch
                 save_checkpoint(out_dir / LAST, model, optimizer, cfg, step, steps_per_epoch,

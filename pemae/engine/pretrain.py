@@ -46,6 +46,16 @@ from pemae.models.monitors import collapse_report
 from pemae.models.pemae import build_pretrain_model, num_views
 
 
+# Keys that may change when an interrupted run is resumed: where and how fast it runs, not what
+# it computes (the batches do not depend on processes, accumulation or workers: pemae.engine.sampling).
+RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
+                  "pretrain.device", "pretrain.amp", "pretrain.compile", "pretrain.accum_steps",
+                  "pretrain.micro_batch_size",
+                  "pretrain.log_every", "pretrain.checkpoint_every", "pretrain.resume",
+                  "pretrain.overwrite")
+PRETRAIN_SECTIONS = ("data", "model", "method", "pretrain")
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the loss terms."""
 
@@ -139,7 +149,8 @@ def pretraining_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def resume_pretraining(path: Path, state: dict, cfg: Config, steps_per_epoch: int,
-                       model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+                       model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler) -> None:
     """Load an interrupted run's `state` (read from `path`) into the model, optimiser, scaler and
     RNGs.
 
@@ -148,7 +159,8 @@ def resume_pretraining(path: Path, state: dict, cfg: Config, steps_per_epoch: in
     """
     refuse_other_config(state, cfg, f"{path} is an interrupted run",
                         f"Set those keys back to resume it, or delete {path} (or set "
-                        "pretrain.resume: false) to start afresh.")
+                        "pretrain.resume: false) to start afresh.",
+                        PRETRAIN_SECTIONS, RESUMABLE_KEYS)
     load_training_state(path, state, steps_per_epoch, model, optimizer)
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
@@ -167,7 +179,8 @@ def completed_run(final_path: Path, cfg: Config, device: torch.device,
     state = checkpoint.load(final_path)
     refuse_other_config(state, cfg, f"{out_dir} holds a completed run",
                         "Set those keys back, write to another --out folder, or train again over "
-                        "it with --force (pretrain.overwrite: true).")
+                        "it with --force (pretrain.overwrite: true).",
+                        PRETRAIN_SECTIONS, RESUMABLE_KEYS)
     model, _ = model_from_state(state)
     if not is_main:
         return model.to(device), {}

@@ -17,16 +17,6 @@ from pemae.config.schema import Config, ConfigError
 from pemae.engine import checkpoint
 
 
-# Keys that may change when an interrupted run is resumed: where and how fast it runs, not what
-# it computes (the batches do not depend on processes, accumulation or workers: pemae.engine.sampling).
-RESUMABLE_KEYS = ("data.root", "data.download", "data.num_workers", "data.skip_bad",
-                  "pretrain.device", "pretrain.amp", "pretrain.compile", "pretrain.accum_steps",
-                  "pretrain.micro_batch_size",
-                  "pretrain.log_every", "pretrain.checkpoint_every", "pretrain.resume",
-                  "pretrain.overwrite")
-PRETRAIN_SECTIONS = ("data", "model", "method", "pretrain")
-
-
 def interrupted_state(paths: list[Path]) -> tuple[Path, dict] | None:
     """The state of an interrupted run: the first of `paths` (last.pt, then last.prev.pt) that
     exists and loads, with its path; None when none exists.
@@ -59,8 +49,7 @@ def interrupted_state(paths: list[Path]) -> tuple[Path, dict] | None:
 
 
 def refuse_other_config(state: dict, cfg: Config, what: str, remedy: str,
-                        sections: tuple[str, ...] = PRETRAIN_SECTIONS,
-                        resumable: tuple[str, ...] = RESUMABLE_KEYS) -> None:
+                        sections: tuple[str, ...], resumable: tuple[str, ...]) -> None:
     """A ConfigError naming every key of `sections` (but `resumable`) where the checkpoint `state`
     was written with another config than `cfg`: "<what> with a different config ...", then
     `remedy`."""
@@ -71,7 +60,8 @@ def refuse_other_config(state: dict, cfg: Config, what: str, remedy: str,
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, step: int,
-                   steps_per_epoch: int, seconds: float, restore: dict, totals: dict | None = None) -> dict:
+                   steps_per_epoch: int, seconds: float, restore: dict,
+                   totals: dict | None = None) -> dict:
     """Everything a run needs to continue exactly, tensors and plain values only: the model and
     optimiser, each loop's `restore` (pretraining: the grad scaler and RNG state; fine-tuning: every
     process's RNG states and the shuffling generator), the step, each loop's fixed `totals`
