@@ -7,9 +7,11 @@ or its runs have 10 seeds (`pemae.results`, docs/protocol.md).
 Seed by seed (params.yaml `extra_seeds`, in order), each run of `runs:` and `ablations:` that a
 claim still needs is trained (`study/dvc.yaml:extra_seed@<run>-<seed>` or
 `ablation_extra_seed@<run>-<seed>`), then the claims are judged again (`study/dvc.yaml:claims`).
-A run every claim of which is settled is skipped; a stage already done is not rerun (DVC). Stops
-when nothing is left, or before starting a stage once `--until-minutes` have passed. Resumable:
-rerun it.
+A run every claim of which is settled is skipped, and so is a seed whose results are already
+committed (its `evaluate.json` and fine-tune `summary.json` tracked by git), even where a code edit
+has made its stage stale: a new seed never retrains, and so never changes, a seed the claims
+already read (`dvc repro` that stage by hand to retrain it). Stops when nothing is left, or before
+starting a stage once `--until-minutes` have passed. Resumable: rerun it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def unsettled_runs(claims_path: Path, claims: dict[str, list[str]]) -> set[str]:
     return needed
 
 
+def committed(seed_dir: Path) -> bool:
+    """Whether git tracks this seed's results (`results/<study>/runs/<run>/seed<n>/`)."""
+    wanted = [seed_dir / "evaluate.json", seed_dir / "finetune" / "summary.json"]
+    tracked = subprocess.run(["git", "ls-files", "--", *map(str, wanted)], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    return len(tracked) == len(wanted)
+
+
 def repro(stage: str, dry_run: bool) -> None:
     cmd = ["dvc", "repro", "--single-item", stage]
     print("$", " ".join(cmd), flush=True)
@@ -72,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() + 60 * minutes > deadline:
                 print(f"stopping before {run} seed {seed}: --until-minutes reached")
                 return 0
-            kind = "extra_seed" if run in runs else "ablation_extra_seed"
+            kind, folder = ("extra_seed", "extra_seeds") if run in runs else ("ablation_extra_seed", "ablations")
+            if committed(Path("results") / folder / "runs" / run / f"seed{seed}"):
+                print(f"{run} seed {seed}: committed already, not retrained")
+                continue
             repro(f"study/dvc.yaml:{kind}@{run}-{seed}", args.dry_run)
         repro("study/dvc.yaml:claims", args.dry_run)
     return 0

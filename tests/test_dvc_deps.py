@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,13 @@ STAGES = {**yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"],
 def test_every_module_a_stage_uses_is_a_dependency(stage):
     spec = STAGES[stage].get("do", STAGES[stage])
     deps = set(spec["deps"])
-    entries = [d for d in deps if d.endswith(".ipynb") or (d.endswith(".py") and not d.startswith("pemae/"))]
-    assert entries and all(e in spec["cmd"] for e in entries)  # every notebook or script it runs
-    used = {path for e in entries for path in modules_used(REPO / e)}
+    entries = [d for d in deps if not d.startswith(("results/", "pemae/")) and d.endswith((".ipynb", ".py"))]
+    assert all(e in spec["cmd"] for e in entries)  # every notebook or script it runs
+    run_modules = {module_file(m) for m in re.findall(r"-m (pemae[\w.]*)", spec["cmd"])}  # python -m pemae.x
+    assert None not in run_modules, f"{stage} runs a pemae module that does not exist"
+    entries += sorted(run_modules)
+    assert entries, f"{stage} runs no notebook, script or pemae module"
+    used = run_modules | {path for e in entries for path in modules_used(REPO / e)}
     assert used, "the stage's notebooks and scripts import nothing from pemae"
     assert sorted(used - deps) == []
 
