@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,14 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason=f"real Fashion-MNIST not installed under {sources.DEBIAN_FASHION_MNIST} "
     "(apt-get install dataset-fashion-mnist)",
 )
+
+
+def study_script(name: str):
+    """A script of study/ (study/<name>.py) loaded as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "study" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**sections) -> Config:

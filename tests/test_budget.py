@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import yaml
 
@@ -18,6 +19,7 @@ from pemae.config.params import build_config, config_for_run, named_runs, read_p
 from pemae.config.schema import ConfigError
 from pemae.report.stats import judge_differences
 from pemae.studies.budget import PARTS, BudgetConfig, Job, job_config, jobs
+from pemae.studies.budget_figures import _band
 from pemae.studies.budget_report import equal_compute_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,3 +144,13 @@ def test_bad_set_fails_before_any_training(params, tmp_path):
                            "--set", "pretrain.epoch=3"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "pretrain.epoch: unknown key" in done.stderr
     assert not (tmp_path / "train").exists()
+
+
+def test_a_budget_with_one_seed_gets_a_hollow_point_and_no_band():
+    fig, ax = plt.subplots()
+    _band(ax, [2, 6, 18], [[76.0, 77.0, 78.0], [78.0, 79.0, 80.0], [81.5]], label="mae")
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+    assert [list(line.get_xdata()) for line in hollow] == [[18]]
+    band = ax.collections[0].get_paths()[0].vertices  # fill_between's polygon
+    assert 6 in band[:, 0] and 18 not in band[:, 0]  # the interval ends where the seeds do
+    plt.close(fig)

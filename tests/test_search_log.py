@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+from conftest import study_script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def trial_module():
-    spec = importlib.util.spec_from_file_location("trial", ROOT / "study" / "trial.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_table_lists_every_trial_with_every_figure(tmp_path):
@@ -23,7 +17,7 @@ def test_the_table_lists_every_trial_with_every_figure(tmp_path):
         {"trial": "pretrain", "sets": [], "val": {"cls": {"knn_top1": 75.1}}, "cls_entropy_frac": 0.9},
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
-    table = trial_module().write_table(log).read_text()
+    table = study_script("trial").write_table(log).read_text()
     assert table.splitlines()[2] == "| # | overrides | val.cls.knn_top1 | seconds | cls_entropy_frac |"
     assert "| 1 | `method.views=2` | 74.5 | 9 | – |" in table
     assert "| 2 | (defaults) | 75.1 | – | 0.9 |" in table
@@ -31,7 +25,7 @@ def test_the_table_lists_every_trial_with_every_figure(tmp_path):
 
 def test_the_committed_search_tables_are_those_of_their_logs(tmp_path):
     """results/search/*.md are written from the logs beside them, never edited by hand."""
-    trial = trial_module()
+    trial = study_script("trial")
     logs = sorted((ROOT / "results" / "search").glob("*.jsonl"))
     assert logs
     for log in logs:

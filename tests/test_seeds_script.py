@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import study_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def seeds_module():
-    spec = importlib.util.spec_from_file_location("seeds", ROOT / "study" / "seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_only_the_runs_of_unsettled_claims_need_seeds(tmp_path):
-    seeds = seeds_module()
+    seeds = study_script("seeds")
     claims = {"pemae beats mae": ["pemae", "mae"], "cls labels help": ["cls_labels", "pemae"]}
     path = tmp_path / "claims.json"
     assert seeds.unsettled_runs(path, claims) == {"pemae", "mae", "cls_labels"}  # nothing judged yet
@@ -28,7 +22,7 @@ def test_only_the_runs_of_unsettled_claims_need_seeds(tmp_path):
 
 
 def test_a_seed_is_committed_only_when_git_tracks_its_probe_and_fine_tune_results():
-    seeds = seeds_module()
+    seeds = study_script("seeds")
     extra = Path("results/extra_seeds/runs/mae")
     tracked = sorted(p.parents[1].name for p in (ROOT / extra).glob("seed*/finetune/summary.json"))
     assert tracked, "the committed extra seeds are missing"

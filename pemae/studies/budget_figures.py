@@ -28,13 +28,18 @@ FIGURE_METRICS = (("cls", "knn_top1"), ("cls", "linear_top1"), (None, "finetune_
 # Figures
 # --------------------------------------------------------------------------------------------
 def _band(ax, xs: list[float], values: list[list[float]], **style) -> None:
-    """Mean over seeds with its 95% CI as a band (none for a single seed)."""
+    """Mean over seeds with its 95% CI as a band; a budget with a single seed has no interval: the
+    band leaves it out and its point is hollow."""
     stats = [mean_std(v) for v in values]
     means = [s["mean"] for s in stats]
-    half = [s["ci95"] or 0.0 for s in stats]
+    half = [math.nan if s["ci95"] is None else s["ci95"] for s in stats]
     line, = ax.plot(xs, means, marker="o", **style)
+    color = line.get_color()
+    single = [(x, m) for x, m, v in zip(xs, means, values) if len(v) < 2]
+    if single:
+        ax.plot(*zip(*single), linestyle="none", marker="o", markerfacecolor="white", markeredgecolor=color)
     ax.fill_between(xs, [m - h for m, h in zip(means, half)], [m + h for m, h in zip(means, half)],
-                    color=line.get_color(), alpha=0.2)
+                    color=color, alpha=0.2)
 
 
 def budget_figure(rows: list[dict], bc: BudgetConfig, minutes: dict[tuple[str, int], float]) -> plt.Figure:
@@ -68,7 +73,8 @@ def budget_figure(rows: list[dict], bc: BudgetConfig, minutes: dict[tuple[str, i
             ax.set_title(METRIC_NAMES.get(metric, metric) + (" (CLS)" if readout == "cls" else ""))
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("mean over seeds ± 95% CI of the mean (t, n − 1 df)", fontsize=9)
+    fig.suptitle("mean over seeds ± 95% CI of the mean (t, n − 1 df); hollow point: one seed, no interval",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 
