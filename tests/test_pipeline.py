@@ -74,7 +74,7 @@ def test_repro_builds_every_stage_then_is_up_to_date(repo):
     first = stages_run(run(["dvc", "repro"], repo))
     expected = (stages("pretrain", runs) | stages("evaluate", runs) | stages("finetune", runs)
                 | stages("dense", runs))
-    assert first == expected | {f"pixels@{s}" for s in SEEDS} | {"figures", "cost"}
+    assert first == expected | {f"pixels@{s}" for s in SEEDS} | {"figures", "cost", "executed_notebooks"}
     table = (repo / "results" / "results.md").read_text()
     assert all(f"| {r} |" in table for r in [*runs, "pixels"])
     assert "± " in table and "(scratch)" in table  # mean ± std over the seeds; the scratch baseline
@@ -85,6 +85,11 @@ def test_repro_builds_every_stage_then_is_up_to_date(repo):
     for png in ("pretrain_loss", "reconstructions", "accuracy", "results_table", "loss_terms",
                 "collapse_monitors", "attention_maps", "pseudo_label_maps", "cost", "dense_predictions"):
         assert (repo / "results" / "figures" / f"{png}.png").stat().st_size > 1000
+    readable = repo / "results" / "notebooks"  # seed 0's executed notebooks, kept by git
+    assert (readable / "README.md").is_file() and (readable / "figures" / "05_figures.ipynb").is_file()
+    for run_name in runs:
+        assert (readable / run_name / "01_pretrain.ipynb").read_bytes() == \
+            (repo / "results" / "runs" / run_name / "seed0" / "notebooks" / "01_pretrain.ipynb").read_bytes()
     second = run(["dvc", "repro"], repo)
     assert stages_run(second) == set()
 
@@ -94,13 +99,15 @@ def test_exp_run_reruns_only_what_depends_on_the_changed_knob(repo):
     run(["git", "commit", "-q", "-m", "results"], repo)
     runs = yaml.safe_load((repo / "params.yaml").read_text())["runs"]
     out = run(["dvc", "exp", "run", "-S", "finetune.epochs=2"], repo)
-    assert stages_run(out) == stages("finetune", runs) | {"figures"}
+    assert stages_run(out) == stages("finetune", runs) | {"figures", "executed_notebooks"}
     out = run(["dvc", "exp", "run", "-S", "evaluation.knn_k=5"], repo)  # not the dense probe's
-    assert stages_run(out) == stages("evaluate", runs) | {f"pixels@{s}" for s in SEEDS} | {"figures"}
+    assert stages_run(out) == (stages("evaluate", runs) | {f"pixels@{s}" for s in SEEDS}
+                               | {"figures", "executed_notebooks"})
     # a key the run does not set yet is added with a leading `+` (DVC's override syntax)
     out = run(["dvc", "exp", "run", "-S", "+runs.pemae.method.lambda_cls=0.5"], repo)
     assert stages_run(out) == (stages("pretrain", ["pemae"]) | stages("evaluate", ["pemae"])
-                               | stages("finetune", ["pemae"]) | stages("dense", ["pemae"]) | {"figures"})
+                               | stages("finetune", ["pemae"]) | stages("dense", ["pemae"])
+                               | {"figures", "executed_notebooks"})
 
 
 def test_the_small_data_check_runs_from_the_study_pipeline(repo):
