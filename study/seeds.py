@@ -78,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         # ablations a claim still needs
         order = [r for r in runs if r in needed or r == "random"] + [r for r in ablations if r in needed]
         for run in order:
-            minutes = MINUTES.get(run, ABLATION_MINUTES)
-            if time.monotonic() + 60 * minutes > deadline:
-                print(f"stopping before {run} seed {seed}: --until-minutes reached")
-                return 0
             kind, folder = ("extra_seed", "extra_seeds") if run in runs else ("ablation_extra_seed", "ablations")
             if committed(Path("results") / folder / "runs" / run / f"seed{seed}"):
                 print(f"{run} seed {seed}: committed already, not retrained")
                 continue
+            if time.monotonic() + 60 * MINUTES.get(run, ABLATION_MINUTES) > deadline:
+                print(f"stopping before {run} seed {seed}: --until-minutes reached")
+                return 0
             repro(f"study/dvc.yaml:{kind}@{run}-{seed}", args.dry_run)
         repro("study/dvc.yaml:claims", args.dry_run)
     return 0
