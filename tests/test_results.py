@@ -379,6 +379,31 @@ def test_a_single_seed_gives_no_verdict_in_the_claims(tree):
     assert "+10.00 (n 1): no verdict, too few seeds" in text and "linear: one seed" in text
 
 
+def settled_row() -> dict:
+    """A claim whose linear probe met the half-width arm of the stopping rule and whose
+    fine-tuning met the 10-seed arm; its dense probe never ran."""
+    def cell(mean, sd, n):
+        return {**judge(mean, sd, n), "seeds": list(range(n)), "seeds_needed": seeds_needed(sd)}
+    return {"claim": "c beats d", "a": "c", "b": "d", "cls/knn_top1": cell(-2.0, 0.5, 5),
+            "cls/linear_top1": cell(0.1, 0.3, 5), "None/finetune_top1": cell(0.2, 1.0, 10),
+            "None/dense_miou": {"verdict": "not run"}, "seeds_enough": True}
+
+
+def test_a_settled_claim_says_which_arm_of_the_stopping_rule_it_met():
+    row = settled_row()
+    assert row["cls/linear_top1"]["half_width"] == pytest.approx(0.372, abs=1e-3)  # 2.776 · 0.3 / √5
+    assert "| yes (linear ± 0.37; fine-tune 10 seeds) |" in claims_markdown([row])
+
+
+def test_the_readme_block_keeps_unjudged_cells_out_of_the_inconclusive_list():
+    block = claims.readme_claims({"test": {"c-d": settled_row()}})
+    assert '- **Decided:** "c beats d" on k-NN (CLS): **reversed**, -2.00 points' in block
+    assert '  - "c beats d": linear (CLS) ≥ ' in block and "fine-tune ≥ " in block
+    inconclusive = block.split("- **Inconclusive**")[1].split("- **No verdict**")[0]
+    assert "not run" not in inconclusive and "dense" not in inconclusive
+    assert '- **No verdict** (not run) on dense mIoU: "c beats d".' in block
+
+
 def test_write_results_puts_the_claims_first(tree):
     results = write_results(tree, ["pemae", "mae"], [], claims={"PEMAE beats MAE": ["pemae", "mae"]})
     text = (tree / "results.md").read_text()

@@ -83,8 +83,10 @@ def _stopping_text(row: dict) -> str:
     cells = {names[key]: row[key] for key in STOPPING_CELLS}
     if any(cell["verdict"] == NOT_RUN for cell in cells.values()):
         return NOT_RUN
-    if row["seeds_enough"]:
-        return "yes"
+    if row["seeds_enough"]:  # say which arm of the rule was met, per cell
+        met = [f"{name} {cell['n']} seeds" if cell["n"] >= STOP_SEEDS else f"{name} ± {cell['half_width']:.2f}"
+               for name, cell in cells.items()]
+        return "yes (" + "; ".join(met) + ")"
     short = [f"{name} ± {cell['half_width']:.2f}, ~{cell['seeds_needed']} seeds" if cell["half_width"] is not None
              else f"{name}: one seed" for name, cell in cells.items() if not seeds_enough(cell)]
     return "no (" + "; ".join(short) + ")"
@@ -109,7 +111,8 @@ def claims_markdown(claim_rows: list[dict]) -> str:
         "the claim has no results yet (the ablation runs of params.yaml `ablations:` are trained by "
         f"study/dvc.yaml:ablation). Seeds enough?: the stopping rule for adding seeds, a 95% "
         f"half-width ≤ {STOP_HALF_WIDTH} points on both CLS linear and fine-tune, or {STOP_SEEDS} "
-        "seeds; otherwise the half-width now and the seeds the current sd says it needs.")
+        "seeds; yes gives, for each, the half-width or the seed count that met it; no, the half-width "
+        "now and the seeds the current sd says it needs.")
     return markdown_table(cells, CLAIM_COLUMNS, fmt=str) + "\n" + rule + "\n"
 
 
@@ -134,9 +137,9 @@ def readme_claims(claims_json: dict | str | Path, split: str = "test") -> str:
     detect, and what is not run. Generated, so that the README never says more than claims.json."""
     if not isinstance(claims_json, dict):
         claims_json = json.loads(Path(claims_json).read_text())
-    decided, undecided = [], []
+    decided, undecided, unjudged = [], [], {}
     for row in claims_json[split].values():
-        open_cells, not_run = [], []
+        open_cells = []
         for key, column in CLAIM_CELLS.items():
             cell = row[key]
             if cell["verdict"] in DECIDED:
@@ -145,14 +148,16 @@ def readme_claims(claims_json: dict | str | Path, split: str = "test") -> str:
                                f"{cell['n']} seeds).")
             elif cell["verdict"] == INCONCLUSIVE:
                 open_cells.append(f"{column} ≥ {cell['mde']:.2f} (n {cell['n']})")
-            else:
-                not_run.append(f"{column} {cell['verdict']}")
-        if open_cells or not_run:
-            undecided.append(f'  - "{row["claim"]}": ' + ", ".join(open_cells + not_run))
+            else:  # not run, or too few seeds: no verdict either way
+                unjudged.setdefault((column, cell["verdict"]), []).append(f'"{row["claim"]}"')
+        if open_cells:
+            undecided.append(f'  - "{row["claim"]}": ' + ", ".join(open_cells))
     lines = decided or ["- **Decided:** none."]
     if undecided:
         lines += ["- **Inconclusive** (the 95% CI contains 0), with the smallest difference these "
                   "seeds could detect:", *undecided]
+    lines += [f"- **No verdict** ({verdict}) on {column}: " + ", ".join(claims) + "."
+              for (column, verdict), claims in unjudged.items()]
     return "\n".join([README_BEGIN, *lines, README_END])
 
 
