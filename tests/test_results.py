@@ -383,7 +383,7 @@ def settled_row() -> dict:
     """A claim whose linear probe met the half-width arm of the stopping rule and whose
     fine-tuning met the 10-seed arm; its dense probe never ran."""
     def cell(mean, sd, n):
-        return {**judge(mean, sd, n), "seeds": list(range(n)), "seeds_needed": seeds_needed(sd)}
+        return claims.claim_cell({**judge(mean, sd, n), "seeds": list(range(n))})
     return {"claim": "c beats d", "a": "c", "b": "d", "cls/knn_top1": cell(-2.0, 0.5, 5),
             "cls/linear_top1": cell(0.1, 0.3, 5), "None/finetune_top1": cell(0.2, 1.0, 10),
             "None/dense_miou": {"verdict": "not run"}, "seeds_enough": True}
