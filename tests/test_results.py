@@ -392,7 +392,9 @@ def settled_row() -> dict:
 def test_a_settled_claim_says_which_arm_of_the_stopping_rule_it_met():
     row = settled_row()
     assert row["cls/linear_top1"]["half_width"] == pytest.approx(0.372, abs=1e-3)  # 2.776 · 0.3 / √5
-    assert "| yes (linear ± 0.37; fine-tune 10 seeds) |" in claims_markdown([row])
+    assert "| yes (linear ± 0.37; fine-tune ± 0.72 at the 10-seed cap) |" in claims_markdown([row])
+    narrow = {**row, "None/finetune_top1": claims.claim_cell({**judge(0.2, 0.6, 10), "seeds": list(range(10))})}
+    assert "| yes (linear ± 0.37; fine-tune ± 0.43) |" in claims_markdown([narrow])  # 2.262 · 0.6 / √10
 
 
 def test_the_readme_block_keeps_unjudged_cells_out_of_the_inconclusive_list():

@@ -83,8 +83,9 @@ def _stopping_text(row: dict) -> str:
     cells = {names[key]: row[key] for key in STOPPING_CELLS}
     if any(cell["verdict"] == NOT_RUN for cell in cells.values()):
         return NOT_RUN
-    if row["seeds_enough"]:  # say which arm of the rule was met, per cell
-        met = [f"{name} {cell['n']} seeds" if cell["n"] >= STOP_SEEDS else f"{name} ± {cell['half_width']:.2f}"
+    if row["seeds_enough"]:  # the half-width of each cell, and whether the seed cap rather than it met the rule
+        met = [f"{name} ± {cell['half_width']:.2f}" + ("" if cell["half_width"] <= STOP_HALF_WIDTH
+                                                       else f" at the {STOP_SEEDS}-seed cap")
                for name, cell in cells.items()]
         return "yes (" + "; ".join(met) + ")"
     short = [f"{name} ± {cell['half_width']:.2f}, ~{cell['seeds_needed']} seeds" if cell["half_width"] is not None
@@ -111,8 +112,8 @@ def claims_markdown(claim_rows: list[dict]) -> str:
         "the claim has no results yet (the ablation runs of params.yaml `ablations:` are trained by "
         f"study/dvc.yaml:ablation). Seeds enough?: the stopping rule for adding seeds, a 95% "
         f"half-width ≤ {STOP_HALF_WIDTH} points on both CLS linear and fine-tune, or {STOP_SEEDS} "
-        "seeds; yes gives, for each, the half-width or the seed count that met it; no, the half-width "
-        "now and the seeds the current sd says it needs.")
+        "seeds; yes gives each half-width, and says where the seed cap met the rule rather than the "
+        "half-width; no, the half-width now and the seeds the current sd says it needs.")
     return markdown_table(cells, CLAIM_COLUMNS, fmt=str) + "\n" + rule + "\n"
 
 
@@ -134,7 +135,8 @@ README_BEGIN, README_END = "<!-- claims: begin (python -m pemae.results --readme
 def readme_claims(claims_json: dict | str | Path, split: str = "test") -> str:
     """The README's summary of the claims, in the table's words: each decided cell with its mean
     and interval, then per claim the inconclusive cells with the smallest effect their seeds could
-    detect, and what is not run. Generated, so that the README never says more than claims.json."""
+    detect, then on a line of their own the cells with no verdict (not run, too few seeds).
+    Generated, so that the README never says more than claims.json."""
     if not isinstance(claims_json, dict):
         claims_json = json.loads(Path(claims_json).read_text())
     decided, undecided, unjudged = [], [], {}
