@@ -379,13 +379,16 @@ def test_a_single_seed_gives_no_verdict_in_the_claims(tree):
     assert "+10.00 (n 1): no verdict, too few seeds" in text and "linear: one seed" in text
 
 
+def judged_cell(mean: float, sd: float, n: int) -> dict:
+    """A claims.json cell for a paired difference of this mean, sd and seed count."""
+    return claims.claim_cell({**judge(mean, sd, n), "seeds": list(range(n))})
+
+
 def settled_row() -> dict:
     """A claim whose linear probe met the half-width arm of the stopping rule and whose
     fine-tuning met the 10-seed arm; its dense probe never ran."""
-    def cell(mean, sd, n):
-        return claims.claim_cell({**judge(mean, sd, n), "seeds": list(range(n))})
-    return {"claim": "c beats d", "a": "c", "b": "d", "cls/knn_top1": cell(-2.0, 0.5, 5),
-            "cls/linear_top1": cell(0.1, 0.3, 5), "None/finetune_top1": cell(0.2, 1.0, 10),
+    return {"claim": "c beats d", "a": "c", "b": "d", "cls/knn_top1": judged_cell(-2.0, 0.5, 5),
+            "cls/linear_top1": judged_cell(0.1, 0.3, 5), "None/finetune_top1": judged_cell(0.2, 1.0, 10),
             "None/dense_miou": {"verdict": "not run"}, "seeds_enough": True}
 
 
@@ -393,7 +396,7 @@ def test_a_settled_claim_says_which_arm_of_the_stopping_rule_it_met():
     row = settled_row()
     assert row["cls/linear_top1"]["half_width"] == pytest.approx(0.372, abs=1e-3)  # 2.776 · 0.3 / √5
     assert "| yes (linear ± 0.37; fine-tune ± 0.72 at the 10-seed cap) |" in claims_markdown([row])
-    narrow = {**row, "None/finetune_top1": claims.claim_cell({**judge(0.2, 0.6, 10), "seeds": list(range(10))})}
+    narrow = {**row, "None/finetune_top1": judged_cell(0.2, 0.6, 10)}
     assert "| yes (linear ± 0.37; fine-tune ± 0.43) |" in claims_markdown([narrow])  # 2.262 · 0.6 / √10
 
 
